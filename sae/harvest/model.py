@@ -109,6 +109,11 @@ def load_tokenizer(model: str, revision: str | None = None):
         raise _load_error(model, err) from None
 
 
+def _text_config(config):
+    """The language-model part of a (possibly multimodal) config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def decoder_blocks(model: torch.nn.Module, n_layers: int) -> tuple[torch.nn.Module, str]:
     """The ModuleList that holds the decoder blocks (and its attribute path), found by shape."""
     for name, module in model.named_modules():
@@ -170,7 +175,7 @@ def load_layer_model(
         config = AutoConfig.from_pretrained(name, revision=revision, **extra)
     except Exception as err:
         raise _load_error(model, err) from None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = _text_config(config)
     n_layers = int(text_config.num_hidden_layers)
     if not 0 <= layer < n_layers:
         raise SaeError(
@@ -183,6 +188,15 @@ def load_layer_model(
         )
     except Exception as err:
         raise _load_error(model, err) from None
+    return cut_at_layer(lm, layer, device=device)
+
+
+def cut_at_layer(lm: torch.nn.Module, layer: int, *, device: torch.device) -> LayerModel:
+    """Remove the blocks after ``layer``, stop the forward after it, and move to ``device``."""
+    text_config = _text_config(lm.config)
+    n_layers = int(text_config.num_hidden_layers)
+    if not 0 <= layer < n_layers:
+        raise SaeError(f"layer {layer} is out of range: the model has {n_layers} blocks")
     blocks, _ = decoder_blocks(lm, n_layers)
     # Drop the blocks we never run, before moving to the GPU: their memory is never needed.
     for index in range(len(blocks) - 1, layer, -1):
@@ -190,5 +204,5 @@ def load_layer_model(
     blocks[layer].register_forward_hook(_stop_hook)
     lm.eval().requires_grad_(False)
     lm.to(device)
-    d_model = int(text_config.hidden_size)
-    return LayerModel(lm, layer, n_layers, d_model, device, dtype)
+    dtype = next(lm.parameters()).dtype
+    return LayerModel(lm, layer, n_layers, int(text_config.hidden_size), device, dtype)

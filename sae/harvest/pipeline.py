@@ -137,8 +137,14 @@ def check_source_has_text(source: TextSource) -> None:
     raise SaeError(f"dataset {source.name!r} holds no text (no non-empty documents)")
 
 
-def run_harvest(config: HarvestConfig) -> HarvestReport:
-    """Harvest ``config.tokens`` rows (all ranks together) of ``config.layer`` into ``config.out``."""
+def run_harvest(
+    config: HarvestConfig, *, lm: LayerModel | None = None, tokenizer: Any = None
+) -> HarvestReport:
+    """Harvest ``config.tokens`` rows (all ranks together) of ``config.layer`` into ``config.out``.
+
+    ``lm`` and ``tokenizer`` may be given already loaded (benchmarks); otherwise they are loaded
+    from ``config.model``.
+    """
     from sae.store import CacheWriter
 
     ranks = rank_info()
@@ -153,17 +159,19 @@ def run_harvest(config: HarvestConfig) -> HarvestReport:
     if config.layer < 0:
         raise SaeError(f"--layer must be >= 0, got {config.layer}")
     source = open_source(config.dataset, config.dataset_config, config.split, config.text_column)
-    tokenizer = load_tokenizer(config.model, config.revision)
-    lm = load_layer_model(
-        config.model, config.layer, device=device, dtype=dtype, revision=config.revision
-    )
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, config.revision)
+    if lm is None:
+        lm = load_layer_model(
+            config.model, config.layer, device=device, dtype=dtype, revision=config.revision
+        )
     check_source_has_text(source)
 
     identity = config.identity(
         d_model=lm.d_model,
-        dtype=dtype_name(dtype),
+        dtype=dtype_name(lm.dtype),
         hook=hook_name(config.layer),
-        tokenizer=str(getattr(tokenizer, "name_or_path", config.model)),
+        tokenizer=config.model,  # the tokenizer always comes with the model
     )
     if not isinstance(source, HubSource):
         identity["dataset_config"] = None
