@@ -54,13 +54,31 @@ GEMMA_2_2B = {
 }
 
 
-def gemma2_2b_config():
+# A few-MB model of the same family, to smoke-test this script on CPU (--shape tiny).
+TINY = {
+    **GEMMA_2_2B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 14,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 49152,
+}
+
+
+def model_config(shape: str):
     from transformers import Gemma2Config
 
-    return Gemma2Config(**GEMMA_2_2B)
+    return Gemma2Config(**(GEMMA_2_2B if shape == "gemma-2-2b" else TINY))
 
 
-def build_model(device: torch.device) -> torch.nn.Module:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(shape: str, device: torch.device) -> torch.nn.Module:
     from transformers import Gemma2ForCausalLM
 
     torch.manual_seed(0)
@@ -68,7 +86,7 @@ def build_model(device: torch.device) -> torch.nn.Module:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with device:
-            model = Gemma2ForCausalLM(gemma2_2b_config())
+            model = Gemma2ForCausalLM(model_config(shape))
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
@@ -85,18 +103,18 @@ def token_batches(corpus: str, tokenizer, context: int, batch: int, n_batches: i
 
 
 def time_forward_alone(lm, batches) -> float:
-    torch.cuda.synchronize()
+    sync(lm.device)
     start = time.perf_counter()
     for ids in batches:
         lm(ids)
-    torch.cuda.synchronize()
+    sync(lm.device)
     return sum(b.numel() for b in batches) / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
 def time_naive(model, batches, layer: int, out_dir: Path) -> float:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.cuda.synchronize()
+    sync(batches[0].device)
     start = time.perf_counter()
     for i, ids in enumerate(batches):
         hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states[layer + 1]
@@ -118,6 +136,7 @@ def time_harvest(lm, tokenizer, args, out: str) -> float:
         dataset=args.corpus,
         context=args.context,
         batch_size=args.batch,
+        device=args.device,
         overwrite=True,
         progress=False,
     )
@@ -138,6 +157,8 @@ def main() -> None:
     parser.add_argument("--forward-batches", type=int, default=100)
     parser.add_argument("--naive-batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", choices=["gemma-2-2b", "tiny"], default="gemma-2-2b")
     parser.add_argument("--json", default=os.environ.get("OUT", ".") + "/bench_harvest.json")
     args = parser.parse_args()
 
@@ -145,12 +166,12 @@ def main() -> None:
 
     from sae.harvest.model import cut_at_layer
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     batches = token_batches(
         args.corpus, tokenizer, args.context, args.batch, args.forward_batches, device
     )
-    model = build_model(device)
+    model = build_model(args.shape, device)
     attn = getattr(model.config, "_attn_implementation", "?")
 
     # (b) naive, full model: warm up, then measure.
@@ -174,7 +195,8 @@ def main() -> None:
 
     fwd, hv, nv = (statistics.median(x) for x in (forward, harvest, naive))
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "shape": args.shape,
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),

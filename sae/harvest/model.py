@@ -88,7 +88,7 @@ def _dtype_kwarg() -> str:
 
 def _load_error(model: str, err: Exception) -> SaeError:
     text = str(err).strip().splitlines()
-    first = text[0] if text else type(err).__name__
+    first = text[0].rstrip(".") if text else type(err).__name__
     if isinstance(err, ImportError) or ("gguf" in first.lower() and "install" in first.lower()):
         return SaeError(
             f"cannot load {model!r}: {first} (GGUF models need `pip install gguf accelerate`)"

@@ -211,7 +211,8 @@ class HubSource:
         try:
             return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except Exception as err:  # datasets raises many types for "not there / offline"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = str(err).strip().splitlines()
+            first = lines[0].rstrip(".") if lines else type(err).__name__
             raise SaeError(
                 f"cannot open dataset {self.name!r} (config {self.config!r}, split {self.split!r}): "
                 f"{first}. Offline? Use --dataset python-docs or a local file/folder."
