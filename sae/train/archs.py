@@ -1,0 +1,171 @@
+"""Training-time forward passes and losses, one per architecture, plus the AuxK dead-latent loss.
+
+Every function takes a model-space batch and returns a `Forward`: the loss to minimise and what
+the trainer needs for metrics and dead-latent tracking. Sparse encode/decode and the
+hierarchical loss go through `sae.kernels` (Triton on CUDA, PyTorch on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sae.kernels import hierarchical_loss, topk_decode, topk_encode
+from sae.train.model import SparseAutoencoder
+
+
+@dataclass
+class Forward:
+    """One batch's loss and the detached pieces the trainer tracks."""
+
+    loss: torch.Tensor  # scalar to backpropagate (main loss, before AuxK)
+    target: torch.Tensor  # (B, D) input in SAE space
+    centered: torch.Tensor  # (B, D) target − b_dec (keeps the graph to b_dec)
+    fired: torch.Tensor  # (F,) bool: latents active on some row of this batch
+    l0: torch.Tensor  # scalar: mean active latents per row
+    recon: Callable[[], torch.Tensor]  # (B, D) full reconstruction, detached (computed lazily)
+    min_kept: torch.Tensor | None = None  # batchtopk: smallest kept positive activation (θ)
+
+
+def _fired_from_sparse(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """(F,) bool of latents with a positive value somewhere (no host sync, unlike masking)."""
+    counts = torch.zeros(n_latents, dtype=torch.int32, device=idx.device)
+    counts.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).to(torch.int32))
+    return counts > 0
+
+
+def _sq_err(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (recon - target).pow(2).sum(-1).mean()
+
+
+def forward_topk(sae: SparseAutoencoder, x: torch.Tensor, hierarchical: bool) -> Forward:
+    """Per-token top-k; the loss is either the plain error or the hierarchical prefix mean."""
+    cfg = sae.cfg
+    target = x.to(sae.W_enc.dtype) * cfg.input_scale
+    centered = target - sae.b_dec
+    vals, idx = topk_encode(centered, sae.W_enc, sae.b_enc, cfg.k)
+    if hierarchical:
+        loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, target, cfg.loss_every)
+
+        def recon() -> torch.Tensor:
+            with torch.no_grad():
+                return topk_decode(vals.detach(), idx, sae.W_dec.detach(), sae.b_dec.detach())
+    else:
+        full = topk_decode(vals, idx, sae.W_dec, sae.b_dec)
+        loss = _sq_err(full, target)
+
+        def recon() -> torch.Tensor:
+            return full.detach()
+
+    fired = _fired_from_sparse(vals.detach(), idx, cfg.n_latents)
+    l0 = (vals.detach() > 0).sum(-1).float().mean()
+    return Forward(loss, target, centered, fired, l0, recon)
+
+
+def forward_batchtopk(sae: SparseAutoencoder, x: torch.Tensor) -> Forward:
+    """Keep the n·k largest activations of the whole batch (some rows get more, some fewer)."""
+    cfg = sae.cfg
+    target = x.to(sae.W_enc.dtype) * cfg.input_scale
+    centered = target - sae.b_dec
+    acts = (centered @ sae.W_enc.T + sae.b_enc).relu()
+    n_keep = min(acts.numel(), acts.shape[0] * cfg.k)
+    kept_vals, flat_idx = acts.flatten().topk(n_keep, sorted=False)
+    mask = torch.zeros(acts.numel(), dtype=acts.dtype, device=acts.device)
+    mask.index_fill_(0, flat_idx, 1.0)
+    sparse = acts * mask.view_as(acts)
+    full = sae.decode_dense(sparse)
+    loss = _sq_err(full, target)
+    active = sparse.detach() > 0
+    kept = kept_vals.detach()
+    min_kept = kept.masked_fill(kept <= 0, float("inf")).min()  # inf: nothing positive kept
+    return Forward(
+        loss,
+        target,
+        centered,
+        active.any(0),
+        active.sum(-1).float().mean(),
+        lambda: full.detach(),
+        min_kept,
+    )
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z·H(z − θ); dz passes where active, dθ by the rectangle-kernel pseudo-derivative."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        near = ((z - theta).abs() < eps / 2).to(grad.dtype)
+        d_theta = (-(theta / eps) * near * grad).sum(0)
+        return grad * (z > theta), d_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ); no gradient to z, dθ = −(1/ε)·K((z − θ)/ε) with K the unit rectangle."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        near = ((z - theta).abs() < eps / 2).to(grad.dtype)
+        return torch.zeros_like(z), (-(1.0 / eps) * near * grad).sum(0), None
+
+
+def forward_jumprelu(
+    sae: SparseAutoencoder, x: torch.Tensor, l0_coef: float, bandwidth: float
+) -> Forward:
+    """Reconstruction error + l0_coef·L0, thresholds trained through straight-through estimates."""
+    cfg = sae.cfg
+    target = x.to(sae.W_enc.dtype) * cfg.input_scale
+    centered = target - sae.b_dec
+    pre = centered @ sae.W_enc.T + sae.b_enc
+    acts = _JumpReLU.apply(pre, sae.threshold, bandwidth)
+    full = sae.decode_dense(acts)
+    l0 = _Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+    loss = _sq_err(full, target) + l0_coef * l0
+    active = acts.detach() > 0
+    return Forward(loss, target, centered, active.any(0), l0.detach(), lambda: full.detach(), None)
+
+
+def auxk_loss(
+    sae: SparseAutoencoder, fwd: Forward, dead: torch.Tensor, aux_k: int
+) -> torch.Tensor | None:
+    """Gao et al.'s AuxK: the top-k_aux dead latents reconstruct the main residual.
+
+    Only dead latents' encoder rows are evaluated, so the cost scales with how many are dead.
+    Returns None when no latent is dead.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return None
+    residual = fwd.target - fwd.recon()
+    pre = fwd.centered @ sae.W_enc[dead_idx].T + sae.b_enc[dead_idx]
+    vals, local = pre.topk(min(aux_k, dead_idx.numel()), dim=-1, sorted=True)
+    zero_bias = torch.zeros_like(sae.b_dec)
+    aux_recon = topk_decode(vals.relu(), dead_idx[local], sae.W_dec, zero_bias)
+    return _sq_err(aux_recon, residual).nan_to_num(0.0)
+
+
+def forward(sae: SparseAutoencoder, x: torch.Tensor, l0_coef: float, bandwidth: float) -> Forward:
+    """Dispatch on cfg.arch."""
+    arch = sae.cfg.arch
+    if arch in ("hierarchical", "topk"):
+        return forward_topk(sae, x, hierarchical=arch == "hierarchical")
+    if arch == "batchtopk":
+        return forward_batchtopk(sae, x)
+    return forward_jumprelu(sae, x, l0_coef, bandwidth)

@@ -1,0 +1,152 @@
+"""TrainConfig: everything `sae train` was asked to do, saved as RUN/config.json.
+
+The JSON is flat and holds every SAEConfig field under the same name, so `load_sae(RUN)` reads
+the SAE straight from a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from sae.errors import SaeError
+from sae.train.model import ARCHS, SAEConfig
+
+TOPK_FAMILY = ("hierarchical", "topk", "batchtopk")
+B_DEC_INITS = ("median", "mean")
+
+# Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
+RESUME_FIXED = (
+    "d_model",
+    "n_latents",
+    "k",
+    "arch",
+    "loss_every",
+    "batch",
+    "seed",
+    "lr",
+    "warmup_steps",
+    "decay_fraction",
+    "dead_tokens",
+    "aux_k",
+    "aux_coef",
+    "l0_coef",
+    "jumprelu_bandwidth",
+    "world_size",
+)
+
+
+@dataclass
+class TrainConfig:
+    """`sae train` options (as given) plus what was resolved from the cache (d_model, scale...)."""
+
+    cache: str
+    out: str
+    k: int = 128
+    arch: str = "hierarchical"
+    n_latents: int | None = None  # --latents; None: expansion * d_model, or 65536
+    expansion: int | None = None
+    loss_every: int = 1
+    lr: float = 8e-4
+    warmup_steps: int = 0
+    decay_fraction: float = 0.0  # lr decays linearly to 0 over this last fraction of steps
+    batch: int = 4096  # global batch (all ranks together)
+    tokens: int | None = None  # None: the cache's train split once
+    seed: int = 0
+    device: str = "auto"
+    dead_tokens: int = 10_000_000
+    aux_k: int = 512
+    aux_coef: float = 1 / 32
+    l0_coef: float = 1e-3  # jumprelu
+    jumprelu_bandwidth: float = 1e-3
+    jumprelu_init_threshold: float = 1e-3
+    theta_momentum: float = 0.99  # batchtopk θ: exponential running mean
+    b_dec_init: str = "median"
+    init_tokens: int = 16384
+    eval_every: int = 500  # steps; 0: only at the end
+    eval_tokens: int = 65536
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    # Resolved from the cache / run (not options):
+    d_model: int = 0
+    input_scale: float = 1.0
+    steps: int = 0
+    world_size: int = 1
+    model: str = ""
+    layer: int = -1
+    hook: str = ""
+    cache_url: str = ""
+    context: int = 0
+
+    def validate_options(self) -> None:
+        """Check what the user typed, before any data is read."""
+        if self.arch not in ARCHS:
+            raise SaeError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.n_latents is not None and self.expansion is not None:
+            raise SaeError("pass either --latents or --expansion, not both")
+        positive = {
+            "--k": self.k,
+            "--loss-every": self.loss_every,
+            "--batch": self.batch,
+            "--aux-k": self.aux_k,
+            "--init-tokens": self.init_tokens,
+            "--eval-tokens": self.eval_tokens,
+            "--log-every": self.log_every,
+            "--checkpoint-every": self.checkpoint_every,
+        }
+        if self.arch == "jumprelu":
+            positive.pop("--k")
+        for name, value in positive.items():
+            if value < 1:
+                raise SaeError(f"{name} must be >= 1, got {value}")
+        for name, value in {"--latents": self.n_latents, "--expansion": self.expansion}.items():
+            if value is not None and value < 1:
+                raise SaeError(f"{name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise SaeError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise SaeError(f"--decay must be a fraction in [0, 1], got {self.decay_fraction}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.dead_tokens < 1:
+            raise SaeError("--warmup, --eval-every must be >= 0 and --dead-tokens >= 1")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise SaeError(f"--b-dec-init must be one of {', '.join(B_DEC_INITS)}")
+        if self.l0_coef < 0 or self.jumprelu_bandwidth <= 0 or self.aux_coef < 0:
+            raise SaeError("--l0-coef and --aux-coef must be >= 0 and the bandwidth > 0")
+
+    def resolve_latents(self, d_model: int) -> int:
+        """Dictionary size from --latents, --expansion or the default 65536."""
+        if self.n_latents is not None:
+            n = self.n_latents
+        elif self.expansion is not None:
+            n = self.expansion * d_model
+        else:
+            n = 65536
+        if self.arch != "jumprelu" and self.k > n:
+            raise SaeError(
+                f"--k {self.k} is larger than the dictionary ({n} latents); "
+                "lower --k or raise --latents/--expansion"
+            )
+        return n
+
+    def sae_config(self) -> SAEConfig:
+        """The SAEConfig part (after resolution)."""
+        names = {f.name for f in fields(SAEConfig)}
+        return SAEConfig(**{key: value for key, value in asdict(self).items() if key in names})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> dict:
+        """The saved config of an earlier run, as a dict (validated where it matters)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SaeError(f"cannot read {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise SaeError(f"{path} does not hold a JSON object")
+        return data

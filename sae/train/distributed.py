@@ -1,0 +1,99 @@
+"""Data parallelism: torchrun ranks, one all-reduce of the gradients per step.
+
+Every rank holds the same weights and reads its own share of the cache; averaging the gradients
+makes a step equal to one process's step on the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> DistInfo:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); else rank 0 of 1."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    local = _local_rank()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """All-reduce the gradients as one flat buffer and divide by the world size."""
+    if info.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def any_rank(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise OR of a bool tensor over ranks (e.g. which latents fired anywhere)."""
+    if info.world_size == 1:
+        return flag
+    as_int = flag.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+def max_over_ranks(value: int, info: DistInfo, device) -> int:
+    """Largest of one integer across ranks (so every rank takes the same decision)."""
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's JSON-like object, in rank order (each rank's reader cursor and RNG)."""
+    if info.world_size == 1:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average of a tensor over ranks (for logged metrics)."""
+    if info.world_size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()

@@ -1,0 +1,454 @@
+"""The training loop: initialise from a cache sample, step, track dead latents, log, evaluate,
+checkpoint, and write the run directory.
+
+Host-device syncs happen only on log/eval/checkpoint steps so the GPU never waits for Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from sae.errors import SaeError
+from sae.train import distributed as ddp
+from sae.train.archs import Forward, auxk_loss, forward
+from sae.train.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from sae.train.config import RESUME_FIXED, TOPK_FAMILY, TrainConfig
+from sae.train.data import CacheSource, DataSource
+from sae.train.model import CONFIG_FILE, SparseAutoencoder
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' → this rank's GPU if there is one, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaeError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SaeError(f"--device: cannot use {device!r}; write cpu, cuda or cuda:N") from None
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """Weiszfeld's iteration: the point with least summed distance, robust to outlier tokens."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-6 * y.norm().clamp_min(1e-12):
+            return y_new
+        y = y_new
+    return y
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant, then linear decay to 0 over the last decay_fraction."""
+    factor = 1.0
+    if cfg.warmup_steps > 0:
+        factor = min(factor, (step + 1) / cfg.warmup_steps)
+    decay_steps = int(cfg.decay_fraction * cfg.steps)
+    if decay_steps > 0:
+        factor = min(factor, (cfg.steps - step) / decay_steps)
+    return cfg.lr * factor
+
+
+class Trainer:
+    """One training run (one rank of it under torchrun)."""
+
+    def __init__(
+        self, cfg: TrainConfig, source: DataSource, info: ddp.DistInfo, device: torch.device
+    ) -> None:
+        self.cfg, self.source, self.info, self.device = cfg, source, info, device
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.seconds_before = 0.0
+        self._resolve()
+        self.sae = SparseAutoencoder(cfg.sae_config()).to(device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        F = cfg.n_latents
+        self.since_fired = torch.zeros(F, dtype=torch.int64, device=device)
+        self.theta = torch.zeros((), device=device)
+        self.theta_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.aux_active = False
+        self.last_good_step: int | None = None
+        self.cursor: dict | None = None
+        if cfg.resume:
+            self._load_checkpoint()
+        else:
+            self._initialise()
+        self.heldout = source.heldout(cfg.eval_tokens) if info.is_main else None
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _resolve(self) -> None:
+        cfg, src = self.cfg, self.source
+        cfg.validate_options()
+        cfg.d_model = src.d_model
+        cfg.n_latents = cfg.resolve_latents(src.d_model)
+        cfg.world_size = self.info.world_size
+        for key, value in src.provenance.items():
+            setattr(cfg, key, value)
+        if cfg.batch % cfg.world_size:
+            raise SaeError(f"--batch {cfg.batch} must be divisible by the {cfg.world_size} ranks")
+        tokens = cfg.tokens if cfg.tokens is not None else src.n_train_tokens
+        cfg.steps = tokens // cfg.batch
+        if cfg.steps < 1:
+            raise SaeError(
+                f"{tokens} tokens make no full batch of {cfg.batch}; "
+                "lower --batch or train on more --tokens"
+            )
+        self._check_out_dir()
+
+    def _check_out_dir(self) -> None:
+        cfg = self.cfg
+        has_run = (self.out / CONFIG_FILE).exists() or checkpoint_path(self.out).exists()
+        if cfg.resume:
+            if not (self.out / CONFIG_FILE).exists():
+                raise SaeError(f"--resume: {self.out} holds no run; start it without --resume")
+            saved = TrainConfig.read(self.out / CONFIG_FILE)
+            if saved.get("d_model") != cfg.d_model:
+                raise SaeError(
+                    f"the cache has d_model {cfg.d_model} but the run in {self.out} was trained "
+                    f"with d_model {saved.get('d_model')}; resume with the cache it was trained "
+                    "on, or start a new run in another --out"
+                )
+            changed = [
+                f"{name} ({saved.get(name)!r} → {getattr(cfg, name)!r})"
+                for name in RESUME_FIXED
+                if saved.get(name) != getattr(cfg, name)
+            ]
+            if changed:
+                raise SaeError(
+                    f"--resume with different options than the run in {self.out}: "
+                    f"{', '.join(changed)}; pass the options in {self.out / CONFIG_FILE}"
+                )
+            scale = saved.get("input_scale")
+            if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+                raise SaeError(f"{self.out / CONFIG_FILE}: input_scale is not a positive number")
+            cfg.input_scale = float(scale)
+        elif has_run and not cfg.overwrite:
+            raise SaeError(
+                f"{self.out} already holds a run; pass --resume to continue it, "
+                "--overwrite to start over, or choose another --out"
+            )
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """Input scale and b_dec from a cache sample; W_enc = W_dec (unit rows)."""
+        cfg = self.cfg
+        sample = self.source.sample(cfg.init_tokens, cfg.seed).float()
+        mean_sq = sample.pow(2).sum(1).mean().item()
+        if not math.isfinite(mean_sq) or mean_sq <= 0:
+            raise SaeError(
+                "the cache sample is all zeros or not finite; check it with `sae store verify`"
+            )
+        cfg.input_scale = math.sqrt(cfg.d_model / mean_sq)
+        self.sae.cfg.input_scale = cfg.input_scale
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.sae.init_weights(gen)
+        scaled = sample * cfg.input_scale
+        b_dec = geometric_median(scaled) if cfg.b_dec_init == "median" else scaled.mean(0)
+        self.sae.b_dec.copy_(b_dec.to(self.device))
+        if cfg.arch == "jumprelu":
+            self.sae.threshold.fill_(cfg.jumprelu_init_threshold)
+
+    def _load_checkpoint(self) -> None:
+        ckpt = load_checkpoint(self.out)
+        cfg = self.cfg
+        shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+        want = {k: tuple(v.shape) for k, v in self.sae.state_dict().items()}
+        if shapes != want:
+            raise SaeError(
+                f"the checkpoint in {self.out} holds tensors {shapes} but this run needs {want} "
+                f"(d_model {cfg.d_model}, {cfg.n_latents} latents); use the matching cache/options"
+            )
+        self.sae.cfg.input_scale = cfg.input_scale
+        self.sae.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.last_good_step = self.step
+        self.seconds_before = float(ckpt["seconds"])
+        self.since_fired.copy_(ckpt["since_fired"])
+        self.theta.copy_(ckpt["theta"])
+        self.theta_count.copy_(ckpt["theta_count"])
+        self.aux_active = bool(ckpt["aux_active"])
+        cursors, rngs = ckpt["cursors"], ckpt["rngs"]
+        if len(cursors) != self.info.world_size:
+            raise SaeError(
+                f"the checkpoint was written by {len(cursors)} ranks; resume with as many"
+            )
+        self.cursor = cursors[self.info.rank]
+        set_rng_state(rngs[self.info.rank])
+        if self.info.is_main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint, so a resumed run repeats none."""
+        path = self.out / METRICS_FILE
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+        path.write_text("".join(line + "\n" for line in keep))
+
+    # --- one step --------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> Forward:
+        cfg, sae = self.cfg, self.sae
+        lr = lr_at(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        fwd = forward(sae, x, cfg.l0_coef, cfg.jumprelu_bandwidth)
+        total = fwd.loss
+        if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
+            aux = auxk_loss(sae, fwd, self.since_fired >= cfg.dead_tokens, cfg.aux_k)
+            if aux is not None:
+                total = total + cfg.aux_coef * aux
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        ddp.average_gradients(list(sae.parameters()), self.info)
+        sae.remove_parallel_grad()
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            if cfg.arch == "jumprelu":
+                sae.threshold.clamp_(min=1e-6)
+            fired = ddp.any_rank(fwd.fired, self.info)
+            self.since_fired += cfg.batch
+            self.since_fired.masked_fill_(fired, 0)
+            if fwd.min_kept is not None:
+                self._update_theta(fwd.min_kept)
+            bad = ~torch.isfinite(total.detach())
+            self.first_bad = torch.where(
+                bad & (self.first_bad < 0),
+                torch.full_like(self.first_bad, self.step),
+                self.first_bad,
+            )
+        self.step += 1
+        return fwd
+
+    def _update_theta(self, min_kept: torch.Tensor) -> None:
+        """BatchTopK θ: running mean of the smallest kept activation, used at inference."""
+        value = ddp.mean_over_ranks(min_kept.reshape(1), self.info)[0]
+        valid = torch.isfinite(value)
+        m = self.cfg.theta_momentum
+        blended = torch.where(self.theta_count == 0, value, m * self.theta + (1 - m) * value)
+        self.theta = torch.where(valid, blended, self.theta)
+        self.theta_count = self.theta_count + valid.to(torch.int64)
+        self.sae.threshold.fill_(0.0).add_(self.theta)
+
+    def _check_finite(self) -> None:
+        bad = ddp.max_over_ranks(int(self.first_bad.item()), self.info, self.device)
+        if bad >= 0:
+            where = (
+                f"the last good checkpoint (step {self.last_good_step}) is in "
+                f"{checkpoint_path(self.out)}; "
+                if self.last_good_step is not None
+                else "no checkpoint was written yet; "
+            )
+            raise SaeError(
+                f"the loss became NaN/inf at step {bad + 1}; {where}"
+                f"lower --lr (now {self.cfg.lr:g}) or check the cache with `sae store verify`, "
+                "then rerun (with --resume to continue from the checkpoint)"
+            )
+
+    # --- metrics, eval, checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def batch_metrics(self, fwd: Forward) -> dict:
+        target = fwd.target
+        err = (fwd.recon() - target).pow(2).sum()
+        var = (target - target.mean(0)).pow(2).sum()
+        stats = torch.stack([fwd.loss.detach(), err / var.clamp_min(1e-12), fwd.l0])
+        loss, fvu, l0 = ddp.mean_over_ranks(stats, self.info).tolist()
+        dead = int((self.since_fired >= self.cfg.dead_tokens).sum().item())
+        return {"loss": loss, "fvu": fvu, "l0": l0, "dead": dead}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """FVU, L0 and never-firing latents on the held-out tokens (inference-time σ)."""
+        if self.heldout is None or self.heldout.shape[0] == 0:
+            return None
+        sae, cfg = self.sae, self.cfg
+        mode = "threshold" if cfg.arch in ("batchtopk", "jumprelu") else "topk"
+        err = sq = l0 = 0.0
+        fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=self.device)
+        total = self.heldout.double().sum(0)
+        mean = (total / self.heldout.shape[0]).float().to(self.device) * cfg.input_scale
+        for chunk in self.heldout.split(cfg.batch):
+            x = chunk.to(self.device).float()
+            latents = sae.encode_dense(x, mode=mode)
+            recon = sae.decode_dense(latents)
+            target = x * cfg.input_scale
+            err += (recon - target).pow(2).sum().item()
+            sq += (target - mean).pow(2).sum().item()
+            l0 += (latents > 0).sum().item()
+            fired |= (latents > 0).any(0)
+        n = self.heldout.shape[0]
+        return {
+            "fvu": err / max(sq, 1e-12),
+            "l0": l0 / n,
+            "dead": int((~fired).sum().item()),
+            "tokens": n,
+        }
+
+    def save_checkpoint(self) -> None:
+        self._check_finite()
+        cursors = ddp.gather_objects(self.stream.cursor(), self.info)
+        rngs = ddp.gather_objects(rng_state(), self.info)
+        if self.info.is_main:
+            payload = {
+                "step": self.step,
+                "model": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+                "optimizer": self.opt.state_dict(),
+                "cursors": cursors,
+                "rngs": rngs,
+                "since_fired": self.since_fired.cpu(),
+                "theta": self.theta.cpu(),
+                "theta_count": self.theta_count.cpu(),
+                "aux_active": self.aux_active,
+                "seconds": self.seconds_before + time.perf_counter() - self.t0,
+                "d_model": self.cfg.d_model,
+            }
+            save_checkpoint(self.out, payload)
+        self.last_good_step = self.step
+        ddp.barrier(self.info)
+
+    def _log(self, record: dict) -> None:
+        if self.info.is_main:
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume and cfg.overwrite:
+                for name in (METRICS_FILE, SUMMARY_FILE):
+                    (self.out / name).unlink(missing_ok=True)
+                checkpoint_path(self.out).unlink(missing_ok=True)
+            (self.out / CONFIG_FILE).write_text(cfg.to_json())
+        ddp.barrier(info)
+        local_batch = cfg.batch // info.world_size
+        self.stream = self.source.train_batches(
+            local_batch,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=self.device,
+            cursor=self.cursor,
+        )
+        self.t0 = time.perf_counter()
+        start_step = self.step
+        progress = self._progress()
+        last: dict = {}
+        try:
+            while self.step < cfg.steps:
+                x = next(self.stream)
+                fwd = self.train_step(x)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._check_finite()
+                    last = self.batch_metrics(fwd)
+                    self.aux_active = last["dead"] > 0
+                    elapsed = time.perf_counter() - self.t0
+                    rate = (self.step - start_step) * cfg.batch / max(elapsed, 1e-9)
+                    self._log(
+                        {"step": self.step, "tokens": self.step * cfg.batch, **last}
+                        | {"lr": lr_at(cfg, self.step - 1), "tokens_per_s": rate}
+                    )
+                    if progress is not None:
+                        progress[0].update(progress[1], completed=self.step * cfg.batch, **last)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    ev = self.evaluate() if info.is_main else None
+                    if ev is not None:
+                        self._log({"step": self.step, "split": "heldout", **ev})
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+            self._check_finite()
+        finally:
+            if progress is not None:
+                progress[0].stop()
+            self.stream.close()
+        seconds = time.perf_counter() - self.t0
+        return self._finish(seconds, start_step, last)
+
+    def _progress(self):
+        if not (self.cfg.progress and self.info.is_main):
+            return None
+        from sae.progress import make_progress
+
+        progress = make_progress(
+            "tok",
+            extra="loss {task.fields[loss]:.4g} fvu {task.fields[fvu]:.3f} "
+            "L0 {task.fields[l0]:.1f} dead {task.fields[dead]}",
+        )
+        task = progress.add_task(
+            f"train {self.cfg.arch}",
+            total=self.cfg.steps * self.cfg.batch,
+            completed=self.step * self.cfg.batch,
+            loss=float("nan"),
+            fvu=float("nan"),
+            l0=0.0,
+            dead=0,
+        )
+        progress.start()
+        return progress, task
+
+    def _finish(self, seconds: float, start_step: int, last: dict) -> dict:
+        cfg = self.cfg
+        ev = self.evaluate() if self.info.is_main else None
+        tokens_run = (self.step - start_step) * cfg.batch
+        summary = {
+            "steps": self.step,
+            "tokens": self.step * cfg.batch,
+            "seconds": self.seconds_before + seconds,
+            "tokens_per_s": tokens_run / max(seconds, 1e-9),
+            "train": last,
+            **(ev or {"fvu": None, "l0": None, "dead": None}),
+        }
+        if self.info.is_main:
+            if ev is not None:
+                self._log({"step": self.step, "split": "heldout", **ev})
+            self.sae.save(self.out)
+            (self.out / CONFIG_FILE).write_text(cfg.to_json())
+            tmp = self.out / (SUMMARY_FILE + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(self.out / SUMMARY_FILE)
+        ddp.barrier(self.info)
+        return summary
+
+
+def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
+    """Run `sae train` for this process (one rank under torchrun); returns the summary."""
+    cfg.validate_options()
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    info = ddp.setup(str(device))
+    if source is None:
+        source = CacheSource(cfg.cache)
+    torch.manual_seed(cfg.seed + info.rank)
+    trainer = Trainer(cfg, source, info, device)
+    return trainer.run()
+
+
+__all__ = ["Trainer", "geometric_median", "lr_at", "train"]
