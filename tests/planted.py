@@ -66,3 +66,44 @@ def write_planted_cache(url: str, acts: torch.Tensor, *, chunk_rows: int = 256) 
         ids = torch.arange(n, dtype=torch.int32) % 1000 + 1
         positions = torch.arange(n, dtype=torch.int32) % 16 + 1
         writer.append(acts, ids, positions)
+
+
+class CrashAfter:
+    """Wraps a DataSource so its train stream dies after `n` batches, like a killed run."""
+
+    def __init__(self, source, n: int) -> None:
+        self.source, self.n = source, n
+        self.d_model = source.d_model
+        self.n_train_tokens = source.n_train_tokens
+        self.provenance = source.provenance
+
+    def sample(self, n, seed):
+        return self.source.sample(n, seed)
+
+    def heldout(self, n):
+        return self.source.heldout(n)
+
+    def train_batches(self, batch, **kwargs):
+        stream = self.source.train_batches(batch, **kwargs)
+        limit = self.n
+
+        class _Crashing:
+            def __init__(self) -> None:
+                self.count = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                if self.count == limit:
+                    raise KeyboardInterrupt("simulated kill")
+                self.count += 1
+                return next(stream)
+
+            def cursor(self):
+                return stream.cursor()
+
+            def close(self):
+                stream.close()
+
+        return _Crashing()

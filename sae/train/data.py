@@ -62,12 +62,12 @@ class CacheSource:
     """A Zarr activation cache written by `sae harvest` (train split for training)."""
 
     def __init__(self, url: str) -> None:
-        from sae.store import open_cache
-
         if "://" not in url and not Path(url).exists():
             raise SaeError(
                 f"no cache at {url}; pass the --out directory of `sae harvest` as --cache"
             )
+        from sae.store import open_cache
+
         self.cache = open_cache(url)
         self.d_model = int(self.cache.d_model)
         start, stop = self.cache.heldout_rows

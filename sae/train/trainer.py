@@ -154,7 +154,8 @@ class Trainer:
         """Input scale and b_dec from a cache sample; W_enc = W_dec (unit rows)."""
         cfg = self.cfg
         sample = self.source.sample(cfg.init_tokens, cfg.seed).float()
-        mean_sq = sample.pow(2).sum(1).mean().item()
+        sample = sample[torch.isfinite(sample).all(dim=1)]
+        mean_sq = sample.pow(2).sum(1).mean().item() if sample.shape[0] else math.nan
         if not math.isfinite(mean_sq) or mean_sq <= 0:
             raise SaeError(
                 "the cache sample is all zeros or not finite; check it with `sae store verify`"
@@ -385,7 +386,8 @@ class Trainer:
                         self._log({"step": self.step, "split": "heldout", **ev})
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
-            self._check_finite()
+            if self.step > start_step:
+                self.save_checkpoint()  # so a finished run can be extended with --resume
         finally:
             if progress is not None:
                 progress[0].stop()

@@ -1,0 +1,95 @@
+"""Each bad input to `sae train` stops with a message that says what to do."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from planted import planted_activations, planted_dictionary
+
+from sae.errors import SaeError
+from sae.train.checkpoint import checkpoint_path, load_checkpoint
+from sae.train.config import TrainConfig
+from sae.train.data import TensorSource
+from sae.train.trainer import train
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    base = {
+        "cache": "memory",
+        "out": str(out),
+        "k": 4,
+        "arch": "topk",
+        "n_latents": 64,
+        "batch": 64,
+        "eval_every": 0,
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "progress": False,
+        "device": "cpu",
+    }
+    return TrainConfig(**(base | overrides))
+
+
+def _source(d_model: int = 16, n: int = 64 * 20) -> TensorSource:
+    dictionary = planted_dictionary(32, d_model)
+    return TensorSource(planted_activations(dictionary, n), planted_activations(dictionary, 64))
+
+
+def test_missing_cache(tmp_path):
+    with pytest.raises(SaeError, match="no cache at .*nope.*sae harvest"):
+        train(_config(tmp_path / "run", cache=str(tmp_path / "nope")))
+
+
+def test_k_larger_than_dictionary(tmp_path):
+    with pytest.raises(SaeError, match="--k 100 is larger than the dictionary \\(64 latents\\)"):
+        train(_config(tmp_path / "run", k=100), _source())
+
+
+def test_latents_and_expansion_together(tmp_path):
+    with pytest.raises(SaeError, match="either --latents or --expansion"):
+        train(_config(tmp_path / "run", expansion=4), _source())
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    train(_config(tmp_path / "run", tokens=64 * 2), _source())
+    with pytest.raises(SaeError, match="already holds a run; pass --resume"):
+        train(_config(tmp_path / "run", tokens=64 * 2), _source())
+    summary = train(_config(tmp_path / "run", tokens=64 * 3, overwrite=True), _source())
+    assert summary["steps"] == 3
+
+
+def test_d_model_mismatch_with_checkpoint(tmp_path):
+    train(_config(tmp_path / "run", tokens=64 * 10), _source(d_model=16))
+    with pytest.raises(SaeError, match="the cache has d_model 24 but the run .* d_model 16"):
+        train(_config(tmp_path / "run", resume=True), _source(d_model=24))
+
+
+def test_resume_with_changed_options(tmp_path):
+    train(_config(tmp_path / "run", tokens=64 * 10), _source())
+    with pytest.raises(SaeError, match=r"different options .*k \(4 → 8\)"):
+        train(_config(tmp_path / "run", resume=True, k=8), _source())
+
+
+def test_resume_without_a_run(tmp_path):
+    with pytest.raises(SaeError, match="holds no run; start it without --resume"):
+        train(_config(tmp_path / "run", resume=True), _source())
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    source = _source()
+    source.train[64 * 14 + 3, 0] = float("nan")  # a bad row in the batch of step 15
+    with pytest.raises(SaeError, match=r"NaN/inf at step 15; the last good checkpoint \(step 10\)"):
+        train(_config(tmp_path / "run"), source)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 10
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert checkpoint_path(tmp_path / "run").is_file()
+    # Resuming from the good checkpoint past the bad batch is possible once the data is fixed.
+    source.train[64 * 14 + 3, 0] = 0.0
+    summary = train(_config(tmp_path / "run", resume=True), source)
+    assert summary["steps"] == 20
