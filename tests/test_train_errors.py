@@ -41,7 +41,7 @@ def _source(d_model: int = 16, n: int = 64 * 20) -> TensorSource:
 
 
 def test_missing_cache(tmp_path):
-    with pytest.raises(SaeError, match="no cache at .*nope.*sae harvest"):
+    with pytest.raises(SaeError, match=r"no cache at .*nope.*sae harvest"):
         train(_config(tmp_path / "run", cache=str(tmp_path / "nope")))
 
 
@@ -65,7 +65,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
 
 def test_d_model_mismatch_with_checkpoint(tmp_path):
     train(_config(tmp_path / "run", tokens=64 * 10), _source(d_model=16))
-    with pytest.raises(SaeError, match="the cache has d_model 24 but the run .* d_model 16"):
+    with pytest.raises(SaeError, match=r"the cache has d_model 24 but the run .* d_model 16"):
         train(_config(tmp_path / "run", resume=True), _source(d_model=24))
 
 
