@@ -310,7 +310,7 @@ class Trainer:
             "fvu": err / max(sq, 1e-12),
             "l0": l0 / n,
             "dead": int((~fired).sum().item()),
-            "tokens": n,
+            "eval_tokens": n,
         }
 
     def save_checkpoint(self) -> None:
@@ -377,6 +377,7 @@ class Trainer:
                     self._log(
                         {"step": self.step, "tokens": self.step * cfg.batch, **last}
                         | {"lr": lr_at(cfg, self.step - 1), "tokens_per_s": rate}
+                        | {"seconds": elapsed}
                     )
                     if progress is not None:
                         progress[0].update(progress[1], completed=self.step * cfg.batch, **last)

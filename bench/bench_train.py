@@ -1,0 +1,216 @@
+"""`sae train` throughput on one GPU: end to end from an on-disk cache vs the same step on
+GPU-resident batches (the "kernel-only" rate), both measured in this process.
+
+Shape: d_model 2304 (Gemma-2-2B), 65,536 latents, HierarchicalTopK K=128, batch 4096.
+  cache:        a real Zarr cache written to local disk through CacheWriter (random-normal fp16
+                activations, never zeros).
+  kernel-only:  Trainer.train_step (encode + hierarchical loss + backward + Adam + decoder
+                renorm) on batches already on the GPU: what the trainer could do with free data.
+  fwd+bwd:      topk_encode + hierarchical_loss + backward alone (no optimiser), for reference.
+  end to end:   `sae.train.trainer.train` reading the cache (shuffled reader, prefetch, H2D),
+                steady-state tokens/s from its metrics log after warm-up; GPU memory peak.
+
+Usage (on the GPU machine):  python bench/bench_train.py --out /tmp/bench-train
+Smoke test on CPU:           python bench/bench_train.py --shape tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "gemma-2-2b": {"d_model": 2304, "n_latents": 65536, "k": 128, "batch": 4096},
+    "tiny": {"d_model": 64, "n_latents": 512, "k": 16, "batch": 256},
+}
+
+
+def write_cache(url: str, n_tokens: int, d_model: int, seed: int) -> float:
+    """Write random activations through the real store; returns seconds taken."""
+    from sae.store import CacheWriter
+
+    identity = {
+        "model": "bench-random",
+        "model_revision": "none",
+        "layer": 12,
+        "hook": "resid_post",
+        "d_model": d_model,
+        "dtype": "float16",
+        "context": 1024,
+        "tokenizer": "none",
+        "dataset": "random-normal",
+        "dataset_config": "",
+        "split": "train",
+        "text_column": "text",
+        "seed": seed,
+    }
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    with CacheWriter(
+        url,
+        d_model=d_model,
+        total_tokens=n_tokens,
+        identity=identity,
+        attrs={"bench": True},
+        overwrite=True,
+    ) as writer:
+        block = 32768
+        for start in range(0, n_tokens, block):
+            n = min(block, n_tokens - start)
+            acts = torch.randn(n, d_model, generator=gen).to(torch.float16)
+            ids = torch.randint(1, 50000, (n,), generator=gen, dtype=torch.int32)
+            pos = (torch.arange(start, start + n, dtype=torch.int32) % 1024) + 1
+            writer.append(acts, ids, pos)
+    return time.perf_counter() - t0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_windows(fn, device, warmup: int, windows: int, per_window: int) -> float:
+    """Median seconds per call over `windows` windows of `per_window` calls, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(per_window):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / per_window)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gemma-2-2b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="/tmp/bench-train")
+    parser.add_argument("--cache-tokens", type=int, default=400_000)
+    parser.add_argument("--steps", type=int, default=200, help="end-to-end steps")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--loss-every", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    from sae.kernels import hierarchical_loss, topk_encode
+    from sae.train.config import TrainConfig
+    from sae.train.data import CacheSource
+    from sae.train.distributed import DistInfo
+    from sae.train.trainer import Trainer, train
+
+    shape = SHAPES[args.shape]
+    device = torch.device(args.device)
+    root = Path(args.out)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    cache_url = str(root / "cache")
+    write_s = write_cache(cache_url, args.cache_tokens, shape["d_model"], seed=0)
+    print(f"cache: {args.cache_tokens} tokens x {shape['d_model']} written in {write_s:.1f}s")
+
+    def config(out: Path, steps: int) -> TrainConfig:
+        return TrainConfig(
+            cache=cache_url,
+            out=str(out),
+            k=shape["k"],
+            arch="hierarchical",
+            n_latents=shape["n_latents"],
+            loss_every=args.loss_every,
+            batch=shape["batch"],
+            tokens=steps * shape["batch"],
+            device=str(device),
+            eval_every=0,
+            eval_tokens=8192,
+            log_every=10,
+            checkpoint_every=10**9,
+            progress=False,
+        )
+
+    # --- kernel-only: the trainer's own step on GPU-resident batches ---------------------------
+    source = CacheSource(cache_url)
+    trainer = Trainer(config(root / "kernel-only", args.steps), source, DistInfo(), device)
+    batches = [
+        torch.from_numpy(source.cache.read_rows(i * shape["batch"], (i + 1) * shape["batch"]))
+        .to(device)
+        .float()
+        for i in range(4)
+    ]
+    it = iter(range(10**9))
+    step_s = time_windows(
+        lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
+    )
+    sae = trainer.sae
+
+    def fwd_bwd() -> None:
+        x = batches[0] * sae.cfg.input_scale
+        vals, idx = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, shape["k"])
+        loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every)
+        loss.backward()
+
+    fwd_bwd_s = time_windows(fwd_bwd, device, 5, 5, 10)
+    del trainer, sae, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # --- end to end from the on-disk cache ----------------------------------------------------
+    run_dir = root / "run"
+    t0 = time.perf_counter()
+    summary = train(config(run_dir, args.steps))
+    e2e_wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if "seconds" in r]
+    first = next(r for r in logs if r["step"] >= args.warmup)
+    last = logs[-1]
+    e2e_rate = (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
+    kernel_rate = shape["batch"] / step_s
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    result = {
+        "shape": args.shape,
+        **shape,
+        "loss_every": args.loss_every,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit,
+        "cache_tokens": args.cache_tokens,
+        "cache_write_s": write_s,
+        "kernel_only_step_ms": step_s * 1e3,
+        "kernel_only_tokens_per_s": kernel_rate,
+        "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "e2e_tokens_per_s": e2e_rate,
+        "e2e_vs_kernel_only": e2e_rate / kernel_rate,
+        "e2e_steps": summary["steps"],
+        "e2e_wall_s": e2e_wall,
+        "gpu_peak_gib": peak / 2**30,
+        "final_train_loss": summary["train"].get("loss"),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| kernel-only step (ms, median) | {step_s * 1e3:.2f} |")
+    print(f"| kernel-only tokens/s | {kernel_rate:,.0f} |")
+    print(f"| fwd+bwd only (ms) | {fwd_bwd_s * 1e3:.2f} |")
+    print(f"| end-to-end tokens/s (steady) | {e2e_rate:,.0f} |")
+    print(f"| end-to-end / kernel-only | {e2e_rate / kernel_rate:.1%} |")
+    print(f"| GPU memory peak | {peak / 2**30:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
