@@ -91,6 +91,32 @@ def time_windows(fn, device, warmup: int, windows: int, per_window: int) -> floa
     return statistics.median(times)
 
 
+def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[float, float]:
+    """Median seconds of one training step, and of fwd+bwd alone, on GPU-resident batches."""
+    from sae.kernels import hierarchical_loss, topk_encode
+    from sae.train.distributed import DistInfo
+    from sae.train.trainer import Trainer
+
+    trainer = Trainer(cfg, source, DistInfo(), device)
+    batch = shape["batch"]
+    batches = [
+        torch.from_numpy(source.cache.read_rows(i * batch, (i + 1) * batch)).to(device).float()
+        for i in range(4)
+    ]
+    it = iter(range(10**9))
+    step_s = time_windows(
+        lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
+    )
+    sae = trainer.sae
+
+    def fwd_bwd() -> None:
+        x = batches[0] * sae.cfg.input_scale
+        vals, idx = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, shape["k"])
+        hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every).backward()
+
+    return step_s, time_windows(fwd_bwd, device, 5, 5, 10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gemma-2-2b")
@@ -103,11 +129,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    from sae.kernels import hierarchical_loss, topk_encode
     from sae.train.config import TrainConfig
     from sae.train.data import CacheSource
-    from sae.train.distributed import DistInfo
-    from sae.train.trainer import Trainer, train
+    from sae.train.trainer import train
 
     shape = SHAPES[args.shape]
     device = torch.device(args.device)
@@ -137,28 +161,9 @@ def main() -> None:
         )
 
     # --- kernel-only: the trainer's own step on GPU-resident batches ---------------------------
-    source = CacheSource(cache_url)
-    trainer = Trainer(config(root / "kernel-only", args.steps), source, DistInfo(), device)
-    batches = [
-        torch.from_numpy(source.cache.read_rows(i * shape["batch"], (i + 1) * shape["batch"]))
-        .to(device)
-        .float()
-        for i in range(4)
-    ]
-    it = iter(range(10**9))
-    step_s = time_windows(
-        lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
+    step_s, fwd_bwd_s = kernel_only(
+        config(root / "kernel-only", args.steps), CacheSource(cache_url), shape, device, args
     )
-    sae = trainer.sae
-
-    def fwd_bwd() -> None:
-        x = batches[0] * sae.cfg.input_scale
-        vals, idx = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, shape["k"])
-        loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every)
-        loss.backward()
-
-    fwd_bwd_s = time_windows(fwd_bwd, device, 5, 5, 10)
-    del trainer, sae, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
