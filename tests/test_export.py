@@ -1,0 +1,199 @@
+"""`sae export`: our format round-trips exactly; the SAELens layout matches its documented format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae import load
+from sae.cli import main
+from sae.train.model import SAEConfig, SparseAutoencoder
+
+D, F = 16, 40
+
+TOPK_KEYS = {
+    "architecture",
+    "d_in",
+    "d_sae",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "k",
+    "rescale_acts_by_decoder_norm",
+    "metadata",
+}
+METADATA_KEYS = {
+    "sae_lens_version",
+    "sae_lens_training_version",
+    "model_name",
+    "model_class_name",
+    "hook_name",
+    "hook_head_index",
+    "context_size",
+    "prepend_bos",
+    "seqpos_slice",
+    "dataset_path",
+    "model_from_pretrained_kwargs",
+    "exclude_special_tokens",
+    "neuronpedia_id",
+}
+
+
+def random_sae(arch: str, k: int = 6, scale: float = 0.37, seed: int = 0) -> SparseAutoencoder:
+    """A trained-looking SAE: random unit decoder, random encoder and biases, an input scale."""
+    cfg = SAEConfig(
+        d_model=D,
+        n_latents=F,
+        k=k,
+        arch=arch,
+        input_scale=scale,
+        model="tiny-gemma",
+        layer=1,
+        hook="blocks.1.hook_resid_post",
+        context=128,
+    )
+    sae = SparseAutoencoder(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    sae.init_weights(gen)
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn(F, D, generator=gen))
+        sae.b_enc.copy_(0.2 * torch.randn(F, generator=gen))
+        sae.b_dec.copy_(torch.randn(D, generator=gen))
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.4)
+        if arch == "jumprelu":
+            sae.threshold.copy_(0.5 * torch.rand(F, generator=gen))
+    return sae
+
+
+def inputs(n: int = 64) -> torch.Tensor:
+    return 3.0 * torch.randn(n, D, generator=torch.Generator().manual_seed(7)) + 1.0
+
+
+def saved_run(tmp_path, arch: str, **kw) -> tuple[SparseAutoencoder, str]:
+    sae = random_sae(arch, **kw)
+    run = tmp_path / f"run-{arch}"
+    sae.save(run)
+    return sae, str(run)
+
+
+def export(run: str, out, *args: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run, str(out), *args])
+    assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.parametrize("arch", ["hierarchical", "batchtopk", "jumprelu"])
+def test_native_export_loads_back_identically(tmp_path, arch: str) -> None:
+    sae, run = saved_run(tmp_path, arch)
+    export(run, tmp_path / "ours", "--format", "sae")
+    back = load(str(tmp_path / "ours"))
+    x = inputs()
+    mode = "threshold" if arch != "hierarchical" else "topk"
+    assert torch.equal(back.reconstruct(x, mode=mode), sae.reconstruct(x, mode=mode))
+    assert back.cfg == sae.cfg
+
+
+def test_native_export_with_k_sets_the_default_budget(tmp_path) -> None:
+    sae, run = saved_run(tmp_path, "hierarchical")
+    export(run, tmp_path / "k3", "--format", "sae", "--k", "3")
+    back = load(str(tmp_path / "k3"))
+    assert back.cfg.k == 3
+    assert torch.equal(back.reconstruct(inputs()), sae.reconstruct(inputs(), k=3))
+
+
+def reference_saelens(tensors: dict, cfg: dict, x: torch.Tensor) -> tuple:
+    """SAELens' documented encode/decode, written out from its format description."""
+    pre = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    if cfg["architecture"] == "topk":
+        vals, idx = pre.topk(cfg["k"], dim=1)
+        latents = torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+    else:
+        latents = pre.relu() * (pre > tensors["threshold"])
+    return latents, latents @ tensors["W_dec"] + tensors["b_dec"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "architecture", "k"),
+    [
+        ("hierarchical", [], "topk", 6),
+        ("hierarchical", ["--k", "2"], "topk", 2),
+        ("topk", [], "topk", 6),
+        ("batchtopk", [], "jumprelu", None),
+        ("jumprelu", [], "jumprelu", None),
+    ],
+)
+def test_saelens_layout(tmp_path, arch, args, architecture, k) -> None:
+    sae, run = saved_run(tmp_path, arch)
+    out = tmp_path / "saelens"
+    export(run, out, *args)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    cfg = json.loads((out / "cfg.json").read_text())
+    expected = (
+        TOPK_KEYS if architecture == "topk" else TOPK_KEYS - {"k", "rescale_acts_by_decoder_norm"}
+    )
+    assert set(cfg) == expected
+    assert set(cfg["metadata"]) == METADATA_KEYS
+    assert cfg["architecture"] == architecture and cfg.get("k") == k
+    assert (cfg["d_in"], cfg["d_sae"], cfg["normalize_activations"]) == (D, F, "none")
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == "blocks.1.hook_resid_post" and meta["model_name"] == "tiny-gemma"
+    assert tuple(int(p) for p in meta["sae_lens_version"].split(".")) >= (6, 0, 0)
+    tensors = load_file(str(out / "sae_weights.safetensors"))
+    shapes = {"W_enc": (D, F), "b_enc": (F,), "W_dec": (F, D), "b_dec": (D,)}
+    if architecture == "jumprelu":
+        shapes["threshold"] = (F,)
+    assert {name: tuple(t.shape) for name, t in tensors.items()} == shapes
+    assert torch.allclose(tensors["W_dec"].norm(dim=1), torch.ones(F), atol=1e-5)
+    if arch == "batchtopk":
+        assert torch.allclose(tensors["threshold"], torch.full((F,), 0.4 / 0.37))
+    # The documented SAELens forward on model-space inputs gives our reconstruction.
+    x = inputs()
+    latents, recon = reference_saelens(tensors, cfg, x)
+    mode = "threshold" if architecture == "jumprelu" else "topk"
+    ours = sae.encode_dense(x, k=k, mode=mode) if mode == "topk" else sae.encode_dense(x, mode=mode)
+    assert torch.allclose(latents, ours / 0.37, atol=1e-4)
+    assert torch.allclose(recon, sae.reconstruct(x, k=k, mode=mode), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*model_from_pretrained_kwargs")
+@pytest.mark.parametrize("arch", ["hierarchical", "batchtopk", "jumprelu"])
+def test_saelens_loads_export(tmp_path, arch: str) -> None:
+    sae_lens = pytest.importorskip("sae_lens")
+    sae, run = saved_run(tmp_path, arch)
+    out = tmp_path / "saelens"
+    export(run, out)
+    loaded = sae_lens.SAE.load_from_disk(str(out))
+    x = inputs()
+    mode = "topk" if arch == "hierarchical" else "threshold"
+    with torch.no_grad():
+        latents = loaded.encode(x)
+        recon = loaded.decode(latents)
+    assert torch.allclose(latents, sae.encode_dense(x, mode=mode) / 0.37, atol=1e-4)
+    assert torch.allclose(recon, sae.reconstruct(x, mode=mode), atol=1e-4)
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_export_refuses_bad_input(tmp_path, capsys) -> None:
+    (tmp_path / "notarun").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "notarun"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "is not an SAE directory" in capsys.readouterr().err
+    _, run = saved_run(tmp_path, "topk")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run, str(full)])
+    assert exit_info.value.code == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (full / "keep.txt").read_text() == "x"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run, str(tmp_path / "o"), "--format", "onnx"])
+    assert "--format must be one of saelens, sae" in capsys.readouterr().err
