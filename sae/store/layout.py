@@ -1,0 +1,134 @@
+"""Where rows live in a cache: chunk/shard sizes, each writer's row range, the held-out range.
+
+Everything here is pure arithmetic on the cache's fixed layout so that writers and readers on
+different machines agree on it without talking to each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sae.errors import SaeError
+
+FORMAT_NAME = "sae-activation-cache"
+FORMAT_VERSION = 1
+
+ACTIVATIONS = "activations"
+TOKEN_IDS = "token_ids"
+POSITIONS = "positions"
+WRITERS = "writers"
+
+# Measured choice (docs/store-format.md): ~8 MiB inner chunks, 32 chunks per shard file.
+TARGET_CHUNK_BYTES = 8 * 2**20
+CHUNKS_PER_SHARD = 32
+# token_ids/positions chunks span this many activation shards; writer ranges align to it so two
+# writers never rewrite the same token chunk.
+SHARDS_PER_TOKEN_CHUNK = 16
+HELDOUT_FRACTION = 0.01
+FP16_MAX = 65504.0
+
+
+def _pow2_near(x: float) -> int:
+    p = 1
+    while p * 2 <= x * 1.5:
+        p *= 2
+    return p
+
+
+def default_chunk_rows(d_model: int) -> int:
+    """Rows per inner chunk: the power of two whose float16 chunk is closest to 8 MiB."""
+    return max(16, _pow2_near(TARGET_CHUNK_BYTES / (2 * d_model)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Fixed geometry of one cache (all writers together)."""
+
+    total_tokens: int
+    d_model: int
+    chunk_rows: int
+    shard_rows: int
+    world_size: int
+
+    @property
+    def token_chunk_rows(self) -> int:
+        return self.shard_rows * SHARDS_PER_TOKEN_CHUNK
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.total_tokens // self.chunk_rows)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.total_tokens // self.shard_rows)
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        """Physical rows [start, stop) that writer `rank` owns; token-chunk aligned, disjoint."""
+        unit = self.token_chunk_rows
+        n_units = -(-self.total_tokens // unit)
+        lo = n_units * rank // self.world_size
+        hi = n_units * (rank + 1) // self.world_size
+        return min(lo * unit, self.total_tokens), min(hi * unit, self.total_tokens)
+
+    @property
+    def heldout_rows(self) -> int:
+        """Rows [0, H) held out for evaluation: ~1% of the cache, whole chunks, inside rank 0."""
+        chunk = self.chunk_rows
+        wanted = -(-max(1, round(self.total_tokens * HELDOUT_FRACTION)) // chunk) * chunk
+        _, stop0 = self.rank_range(0)
+        cap = stop0 // 2 // chunk * chunk or stop0 // 2  # never more than half of rank 0's rows
+        return min(wanted, cap)
+
+    def to_attrs(self) -> dict:
+        return {
+            "total_tokens": self.total_tokens,
+            "d_model": self.d_model,
+            "chunk_rows": self.chunk_rows,
+            "shard_rows": self.shard_rows,
+            "token_chunk_rows": self.token_chunk_rows,
+            "world_size": self.world_size,
+            "heldout_rows": self.heldout_rows,
+        }
+
+
+def make_layout(
+    total_tokens: int,
+    d_model: int,
+    world_size: int,
+    chunk_rows: int | None,
+    shard_rows: int | None,
+) -> Layout:
+    """Validate the caller's sizes and fill in the defaults chosen for 1e9 x 2304 caches."""
+    for name, value in (("total_tokens", total_tokens), ("d_model", d_model)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SaeError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise SaeError(f"world_size must be a positive integer, got {world_size!r}")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(d_model)
+    if shard_rows is None:
+        shard_rows = chunk_rows * CHUNKS_PER_SHARD
+    if chunk_rows <= 0 or shard_rows <= 0 or shard_rows % chunk_rows:
+        raise SaeError(
+            f"shard_rows ({shard_rows}) must be a positive multiple of chunk_rows ({chunk_rows})"
+        )
+    if shard_rows > total_tokens:
+        # A tiny cache needs no shard bigger than itself (keeps small caches small on disk).
+        chunk_rows = min(chunk_rows, total_tokens)
+        shard_rows = -(-total_tokens // chunk_rows) * chunk_rows
+    return Layout(total_tokens, d_model, chunk_rows, shard_rows, world_size)
+
+
+def layout_from_attrs(attrs: dict) -> Layout:
+    """Rebuild (and sanity-check) the layout stored in a cache's group attributes."""
+    try:
+        values = {k: attrs[k] for k in ("total_tokens", "d_model", "chunk_rows", "shard_rows")}
+        values["world_size"] = attrs["world_size"]
+    except KeyError as err:
+        raise SaeError(f"cache attributes lack {err.args[0]!r}; the cache metadata is damaged") from None
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SaeError(f"cache attribute {key}={value!r} is not a positive integer")
+    if values["shard_rows"] % values["chunk_rows"]:
+        raise SaeError("cache attribute shard_rows is not a multiple of chunk_rows")
+    return Layout(**values)

@@ -1,0 +1,150 @@
+"""Reading physical activation rows: memory-mapped shard files when possible, zarr otherwise.
+
+For a local, uncompressed cache the bytes of an inner chunk sit contiguously inside its shard
+file (zarr's sharding codec, index at the end), so a chunk is a zero-copy numpy view of a memory
+map; its crc32c is checked before use so a corrupted chunk is never returned silently.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae.errors import SaeError
+from sae.store.layout import ACTIVATIONS, Layout
+
+MAX_U64 = np.uint64(2**64 - 1)
+
+
+class ChunkCorrupt(SaeError):
+    """A chunk failed its checksum (or its shard is truncated)."""
+
+
+def crc32c(data: Any) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.value(data))
+
+
+class ZarrRows:
+    """Rows through zarr itself (remote stores, compressed caches); checksums checked by zarr."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        try:
+            return self.array[start:stop]
+        except ValueError as err:
+            if "checksum" in str(err):
+                raise ChunkCorrupt(f"rows {start}..{stop}: {err}") from None
+            raise
+
+
+class MmapRows:
+    """Zero-copy rows of a local uncompressed sharded cache; keeps a few shard maps open."""
+
+    def __init__(self, root: Path, layout: Layout, verify: bool = True, max_open: int = 64) -> None:
+        self.dir = root / ACTIVATIONS / "c"
+        self.layout = layout
+        self.verify = verify
+        self.max_open = max_open
+        self.inner = layout.shard_rows // layout.chunk_rows
+        self._maps: OrderedDict[int, tuple[mmap.mmap, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _shard(self, s: int) -> tuple[mmap.mmap, np.ndarray]:
+        with self._lock:
+            hit = self._maps.get(s)
+            if hit is not None:
+                self._maps.move_to_end(s)
+                return hit
+        path = self.dir / str(s) / "0"
+        try:
+            with path.open("rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (FileNotFoundError, ValueError):
+            raise ChunkCorrupt(f"shard file {path} is missing or empty") from None
+        n_index = self.inner * 16
+        if len(mm) < n_index + 4:
+            raise ChunkCorrupt(f"shard file {path} is truncated")
+        raw = np.frombuffer(mm, np.uint8, n_index + 4, len(mm) - n_index - 4)
+        if self.verify and crc32c(raw[:n_index]) != int(raw[n_index:].view("<u4")[0]):
+            raise ChunkCorrupt(f"shard {s}: index checksum mismatch ({path})")
+        index = raw[:n_index].view("<u8").reshape(self.inner, 2).copy()
+        with self._lock:
+            self._maps[s] = (mm, index)
+            while len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)  # the map closes when its last view is gone
+        return mm, index
+
+    def chunk(self, c: int, verify: bool | None = None) -> np.ndarray:
+        """Inner chunk `c` as a (chunk_rows, d_model) float16 view into the page cache."""
+        lay = self.layout
+        s, j = divmod(c, self.inner)
+        mm, index = self._shard(s)
+        offset, nbytes = index[j]
+        want = lay.chunk_rows * lay.d_model * 2
+        if offset == MAX_U64:
+            raise ChunkCorrupt(f"chunk {c} is missing from shard {s}")
+        if nbytes != want + 4 or offset + nbytes > len(mm):
+            raise ChunkCorrupt(f"chunk {c}: index entry ({offset}, {nbytes}) is inconsistent")
+        body = np.frombuffer(mm, np.uint8, want + 4, int(offset))
+        if self.verify if verify is None else verify:
+            stored = int(body[want:].view("<u4")[0])
+            if crc32c(body[:want]) != stored:
+                raise ChunkCorrupt(
+                    f"chunk {c}: checksum mismatch (shard file {self.dir / str(s) / '0'})"
+                )
+        return body[:want].view("<f2").reshape(lay.chunk_rows, lay.d_model)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop); a view when they lie in one chunk, else a concatenation."""
+        cr = self.layout.chunk_rows
+        c0, c1 = start // cr, (stop - 1) // cr
+        if c0 == c1:
+            return self.chunk(c0)[start - c0 * cr : stop - c0 * cr]
+        parts = [
+            self.chunk(c)[max(start, c * cr) - c * cr : min(stop, (c + 1) * cr) - c * cr]
+            for c in range(c0, c1 + 1)
+        ]
+        return np.concatenate(parts)
+
+
+def mmap_supported(root: Path | None, array_meta: dict, layout: Layout) -> bool:
+    """True when the activations are plain little-endian fp16 + crc32c inside default-keyed shards."""
+    if root is None:
+        return False
+    codecs = array_meta.get("codecs")
+    enc = array_meta.get("chunk_key_encoding") or {}
+    sep = (enc.get("configuration") or {}).get("separator", "/")
+    if (
+        enc.get("name") != "default"
+        or sep != "/"
+        or not isinstance(codecs, list)
+        or len(codecs) != 1
+    ):
+        return False
+    shard = codecs[0]
+    cfg = shard.get("configuration") or {} if isinstance(shard, dict) else {}
+    inner = [c.get("name") for c in cfg.get("codecs", []) if isinstance(c, dict)]
+    index = [c.get("name") for c in cfg.get("index_codecs", []) if isinstance(c, dict)]
+    endian = [
+        (c.get("configuration") or {}).get("endian", "little")
+        for c in cfg.get("codecs", []) + cfg.get("index_codecs", [])
+        if isinstance(c, dict) and c.get("name") == "bytes"
+    ]
+    return (
+        shard.get("name") == "sharding_indexed"
+        and list(cfg.get("chunk_shape", [])) == [layout.chunk_rows, layout.d_model]
+        and inner == ["bytes", "crc32c"]
+        and index == ["bytes", "crc32c"]
+        and cfg.get("index_location", "end") == "end"
+        and all(e == "little" for e in endian)
+        and array_meta.get("data_type") == "float16"
+    )

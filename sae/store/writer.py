@@ -1,0 +1,412 @@
+"""CacheWriter: append activations from the harvest; a background thread writes whole shards.
+
+Crash safety comes from ordering: a shard's data and its token rows are written (each object
+replaced atomically) before the writer's commit record moves past them, so a killed writer loses
+at most the rows after its last commit, and a reader, which trusts only commit records, never sees
+rows that were not fully written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sae.errors import SaeError
+from sae.store.layout import ACTIVATIONS, POSITIONS, TOKEN_IDS, WRITERS, Layout, make_layout
+from sae.store.location import Location, locate
+from sae.store.metadata import (
+    check_root,
+    json_normalise,
+    read_record,
+    record_key,
+    root_attrs,
+)
+from sae.store.stats import RunningStats, sanitize_block
+
+COMPRESSIONS = (None, "zstd", "blosc")
+
+
+@dataclass
+class _Block:
+    """One shard's worth of rows in host memory, filled by append and written by the thread."""
+
+    acts: np.ndarray
+    tokens: np.ndarray
+    positions: np.ndarray
+    start: int = 0  # rank-local row of acts[0]
+    fill: int = 0  # rows filled
+    pre: int = 0  # leading rows already committed (re-read on resume of a partial shard)
+    stats: RunningStats | None = None
+    states: list[tuple[int, dict]] = field(default_factory=list)
+
+
+def _inner_codecs(compression: str | None) -> list[Any]:
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
+    if compression is None:
+        return [Crc32cCodec()]
+    if compression == "zstd":
+        return [ZstdCodec(level=3), Crc32cCodec()]
+    if compression == "blosc":
+        return [
+            BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, typesize=2),
+            Crc32cCodec(),
+        ]
+    raise SaeError(f"compression {compression!r} unknown; use one of {COMPRESSIONS}")
+
+
+def create_cache(
+    loc: Location, layout: Layout, identity: dict, config: dict, compression: str | None
+) -> None:
+    """Write a new, empty cache: pre-sized arrays, the writers group, and the group attributes."""
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
+    store = loc.store()
+    group = zarr.open_group(store, mode="w")
+    d = layout.d_model
+    group.create_array(
+        ACTIVATIONS,
+        shape=(layout.total_tokens, d),
+        chunks=(layout.chunk_rows, d),
+        shards=(layout.shard_rows, d),
+        dtype="float16",
+        compressors=_inner_codecs(compression),
+        fill_value=0,
+        dimension_names=("token", "dim"),
+        config={"write_empty_chunks": True},
+    )
+    for name in (TOKEN_IDS, POSITIONS):
+        group.create_array(
+            name,
+            shape=(layout.total_tokens,),
+            chunks=(min(layout.token_chunk_rows, layout.total_tokens),),
+            dtype="int32",
+            compressors=[Crc32cCodec()],
+            fill_value=-1,
+            dimension_names=("token",),
+            config={"write_empty_chunks": True},
+        )
+    group.create_group(WRITERS)
+    # Attributes last: a directory without them is not yet a cache, so a crash here is harmless.
+    group.attrs.update(root_attrs(layout, identity, config, compression))
+
+
+def _mismatch(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}={old.get(k)!r} in the cache, {new.get(k)!r} now"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
+
+
+class CacheWriter:
+    """Writes this rank's share of a cache; resumable at its committed row count.
+
+    See docs/store-format.md for the format and the crash-safety argument.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        d_model: int,
+        total_tokens: int,
+        identity: dict,
+        attrs: dict,
+        rank: int = 0,
+        world_size: int = 1,
+        overwrite: bool = False,
+        chunk_rows: int | None = None,
+        shard_rows: int | None = None,
+        compression: str | None = None,
+        wait_s: float = 600.0,
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            raise SaeError(f"compression {compression!r} unknown; use one of {COMPRESSIONS}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise SaeError(f"rank {rank!r} must be in [0, world_size={world_size})")
+        identity = json_normalise(identity, "identity")
+        config = json_normalise(attrs, "attrs")
+        if identity.get("d_model", d_model) != d_model:
+            raise SaeError(f"identity d_model={identity['d_model']} differs from d_model={d_model}")
+        self.loc = locate(url)
+        self.rank = rank
+        layout = make_layout(total_tokens, d_model, world_size, chunk_rows, shard_rows)
+        self.layout = self._open_or_create(layout, identity, config, compression, overwrite, wait_s)
+        self._finish_init()
+
+    # --- opening -----------------------------------------------------------------------------
+    def _open_or_create(
+        self,
+        layout: Layout,
+        identity: dict,
+        config: dict,
+        compression: str | None,
+        overwrite: bool,
+        wait_s: float,
+    ) -> Layout:
+        deadline = time.monotonic() + wait_s
+        if overwrite and self.rank == 0:
+            self.loc.remove_all()
+        while True:
+            meta = self.loc.read_json("zarr.json")
+            attrs = meta.get("attributes") if meta else None
+            if attrs and "format" in attrs:
+                existing = check_root(attrs, self.loc.url)
+                problem = self._compare(existing, attrs, layout, identity)
+                if problem is None:
+                    return existing
+                if not (overwrite and self.rank > 0) or time.monotonic() > deadline:
+                    raise SaeError(problem)
+            elif (
+                meta is not None
+                and not overwrite
+                and (self.rank == 0 or meta.get("node_type") != "group")
+            ):
+                raise SaeError(
+                    f"{self.loc.url} holds zarr data that is not an sae cache; "
+                    "choose a new path or pass overwrite (--overwrite) to replace it"
+                )
+            elif self.rank == 0:
+                create_cache(self.loc, layout, identity, config, compression)
+                return layout
+            if time.monotonic() > deadline:
+                raise SaeError(
+                    f"rank {self.rank}: no cache appeared at {self.loc.url} within {wait_s:.0f} s; "
+                    "rank 0 creates it: start rank 0 with the same path"
+                )
+            time.sleep(0.2)
+
+    def _compare(self, existing: Layout, attrs: dict, layout: Layout, identity: dict) -> str | None:
+        """Why this writer cannot continue the existing cache, or None if it can."""
+        lines = _mismatch(attrs["identity"], identity)
+        for key in ("d_model", "total_tokens", "world_size"):
+            if getattr(existing, key) != getattr(layout, key):
+                lines.append(
+                    f"{key}={getattr(existing, key)} in the cache, {getattr(layout, key)} now"
+                )
+        if not lines:
+            return None
+        return (
+            f"{self.loc.url} already holds a cache with a different configuration: "
+            + "; ".join(lines)
+            + ". Use a new path, or overwrite (--overwrite) to replace it"
+        )
+
+    def _finish_init(self) -> None:
+        import zarr
+
+        group = zarr.open_group(self.loc.store(), mode="r+")
+        self._group = group
+        self._acts = group[ACTIVATIONS]
+        self._tokens = group[TOKEN_IDS]
+        self._positions = group[POSITIONS]
+        self.row_start, self.row_stop = self.layout.rank_range(self.rank)
+        record = read_record(self.loc, self.layout, self.rank)
+        self._record = record
+        self._committed = record.committed
+        self._appended = record.committed
+        self._pending_states: list[tuple[int, dict]] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        rows = self.layout.shard_rows
+        d = self.layout.d_model
+        self._free: queue.Queue[_Block] = queue.Queue()
+        for _ in range(2):
+            self._free.put(
+                _Block(
+                    np.empty((rows, d), np.float16),
+                    np.empty(rows, np.int32),
+                    np.empty(rows, np.int32),
+                )
+            )
+        self._todo: queue.Queue[_Block | None] = queue.Queue(maxsize=1)
+        self._block = self._new_block(self._committed)
+        if self._block.start < self._committed and self._committed < self.target:
+            self._reload_partial_shard()
+        self._thread = threading.Thread(
+            target=self._run, name=f"cache-writer-{self.rank}", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    def _new_block(self, start: int) -> _Block:
+        block = self._free.get()
+        block.start = start - start % self.layout.shard_rows
+        block.fill = block.pre = start - block.start
+        block.stats = RunningStats(self.layout.d_model)
+        block.states = []
+        return block
+
+    def _reload_partial_shard(self) -> None:
+        """A previous close committed part of a shard: keep those rows so the shard is rewritten whole."""
+        b = self._block
+        g0 = self.row_start + b.start
+        g1 = self.row_start + self._committed
+        b.acts[: b.fill] = self._acts[g0:g1]
+        b.tokens[: b.fill] = self._tokens[g0:g1]
+        b.positions[: b.fill] = self._positions[g0:g1]
+
+    # --- public API ----------------------------------------------------------------------------
+    @property
+    def committed(self) -> int:
+        """Rows of this rank that are durably written (where a resumed harvest continues)."""
+        return self._committed
+
+    @property
+    def target(self) -> int:
+        return self.row_stop - self.row_start
+
+    @property
+    def resume_state(self) -> tuple[int, dict | None]:
+        return self._record.resume_rows, self._record.resume_state
+
+    def append(self, acts: Any, token_ids: Any, positions: Any, state: dict | None = None) -> None:
+        """Copy rows into the host buffer; full shards are written in the background."""
+        self._raise_if_failed()
+        if self._closed:
+            raise SaeError("append() on a closed CacheWriter")
+        x = _as_numpy(acts)
+        tok = np.asarray(_as_numpy(token_ids))
+        pos = np.asarray(_as_numpy(positions))
+        n = x.shape[0] if x.ndim == 2 else -1
+        if x.ndim != 2 or x.shape[1] != self.layout.d_model:
+            raise SaeError(
+                f"activations of shape {tuple(x.shape)} do not fit this cache: "
+                f"expected (n, {self.layout.d_model}) (d_model={self.layout.d_model})"
+            )
+        if tok.shape != (n,) or pos.shape != (n,):
+            raise SaeError(
+                f"token_ids {tuple(tok.shape)} and positions {tuple(pos.shape)} must both be ({n},)"
+            )
+        if self._appended + n > self.target:
+            raise SaeError(
+                f"rank {self.rank} would write {self._appended + n} rows, more than its "
+                f"{self.target} (total_tokens={self.layout.total_tokens})"
+            )
+        if state is not None:
+            state = json_normalise(state, "state")
+            with self._lock:
+                self._pending_states.append((self._appended + n, state))
+        i = 0
+        while i < n:
+            b = self._block
+            take = min(n - i, self.layout.shard_rows - b.fill)
+            sanitize_block(x[i : i + take], b.acts[b.fill : b.fill + take], b.stats)
+            b.tokens[b.fill : b.fill + take] = tok[i : i + take]
+            b.positions[b.fill : b.fill + take] = pos[i : i + take]
+            b.fill += take
+            i += take
+            self._appended += take
+            if b.fill == self.layout.shard_rows:
+                self._submit()
+
+    def close(self) -> None:
+        """Write the buffered tail, wait for the background writer, and commit."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None and self._block.fill > self._block.pre:
+            self._submit(last=True)
+        self._todo.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- background thread ---------------------------------------------------------------------
+    def _submit(self, last: bool = False) -> None:
+        # Blocking is safe: the thread drains the queue and frees blocks even after a failure.
+        self._todo.put(self._block)
+        if not last:
+            self._block = self._new_block(self._appended)
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise SaeError(
+                f"the background cache writer failed: {self._error}. Rows up to {self._committed} "
+                f"of rank {self.rank} are committed and readable; fix the cause and re-run to resume"
+            ) from self._error
+
+    def _run(self) -> None:
+        while True:
+            block = self._todo.get()
+            if block is None:
+                return
+            try:
+                if self._error is None:
+                    self._write(block)
+            except BaseException as err:  # reported to the caller on its next call
+                self._error = err
+            finally:
+                self._free.put(block)
+
+    def _write(self, b: _Block) -> None:
+        g0 = self.row_start + b.start
+        g1 = g0 + b.fill
+        self._acts[g0:g1] = b.acts[: b.fill]
+        self._tokens[g0:g1] = b.tokens[: b.fill]
+        self._positions[g0:g1] = b.positions[: b.fill]
+        self._commit(b.start + b.fill, b.stats)
+
+    def _commit(self, committed: int, stats: RunningStats) -> None:
+        rec = self._record
+        with self._lock:
+            while self._pending_states and self._pending_states[0][0] <= committed:
+                rec.resume_rows, rec.resume_state = self._pending_states.pop(0)
+        rec.stats.merge(stats)
+        rec.committed = committed
+        self.loc.write_json(record_key(self.rank), rec.to_json(self.layout))
+        self._committed = committed
+        self._refresh_summary()
+
+    def _refresh_summary(self) -> None:
+        """Mirror the total into the group attributes for plain-zarr readers.
+
+        Only when the result is the same whichever writer computes it (one writer, or all done),
+        so concurrent writers never race to different contents.
+        """
+        layout = self.layout
+        records = [read_record(self.loc, layout, r) for r in range(layout.world_size)]
+        done = all(
+            r.committed == layout.rank_range(r.rank)[1] - layout.rank_range(r.rank)[0]
+            for r in records
+        )
+        if layout.world_size > 1 and not done:
+            return
+        total = RunningStats(layout.d_model)
+        for r in records:
+            total.merge(r.stats)
+        summary = total.summary()
+        summary["mean"] = [float(v) for v in summary["mean"]]
+        self._group.attrs.update({"tokens_committed": total.count, "stats": summary})
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """torch tensors (any float dtype, pinned or not) and arrays alike, without a GPU sync surprise."""
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return np.asarray(x)
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if x.dtype in (torch.bfloat16,):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
