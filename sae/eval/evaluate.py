@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae.eval.metrics import RankCosineAccumulator, ReconAccumulator, latent_histograms
+from sae.eval.metrics import (
+    RankCosineAccumulator,
+    ReconAccumulator,
+    VarianceAccumulator,
+    latent_histograms,
+)
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GATHER_ELEMENTS = 1 << 25  # cap on the (rows, k, D) decoder gather of one decode call
 
 
 @dataclass
@@ -85,6 +91,18 @@ class EvalResult:
         return None
 
 
+def add_latents(
+    recon: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor
+) -> None:
+    """recon += Σ_i vals[:, i] W_dec[idx[:, i]], in row chunks so the gather stays small."""
+    if vals.shape[1] == 0:
+        return
+    rows = max(1, GATHER_ELEMENTS // (vals.shape[1] * W_dec.shape[1]))
+    for start in range(0, vals.shape[0], rows):
+        v, i = vals[start : start + rows], idx[start : start + rows]
+        recon[start : start + rows] += (v.unsqueeze(-1).to(W_dec.dtype) * W_dec[i]).sum(1)
+
+
 @torch.no_grad()
 def evaluate_sae(sae, batches: Iterable[torch.Tensor], plan: EvalPlan) -> EvalResult:
     """Run every setting of `plan` over `batches` of model-space (B, D) activations."""
@@ -93,19 +111,21 @@ def evaluate_sae(sae, batches: Iterable[torch.Tensor], plan: EvalPlan) -> EvalRe
     topk = [s for s in plan.settings if s.mode == "topk"]
     ks = [s.k for s in topk]
     k_max = max(ks) if ks else 0
-    accs = {s.label: ReconAccumulator(cfg.d_model, cfg.n_latents) for s in plan.settings}
+    variance = VarianceAccumulator(cfg.d_model)
+    accs = {s.label: ReconAccumulator(cfg.d_model, cfg.n_latents, variance) for s in plan.settings}
     # Figure 8 looks at the ranks the SAE was trained on (its k), within what is encoded here.
     cosine = RankCosineAccumulator(min(cfg.k, k_max) if cfg.k >= 1 else k_max)
     scale = cfg.input_scale
     for batch in batches:
         x = batch.to(device=device, dtype=torch.float32)
+        variance.update(x)
         if topk:
             vals, idx = sae.encode(x, k_max, mode="topk")
             cosine.update(vals, idx, sae.W_dec)
-            recon = sae.b_dec.expand(x.shape[0], -1).clone()
+            recon = sae.b_dec.detach().float().expand(x.shape[0], -1).clone()  # SAE space
             done = 0
             for k in ks:
-                recon += sae.decode(vals[:, done:k], idx[:, done:k]) - sae.b_dec
+                add_latents(recon, vals[:, done:k], idx[:, done:k], sae.W_dec.detach())
                 done = k
                 accs[f"top-{k}"].update_sparse(x, recon / scale, vals[:, :k], idx[:, :k])
         if any(s.mode == "threshold" for s in plan.settings):

@@ -51,42 +51,63 @@ class ReconMetrics:
 
 
 class VarianceAccumulator:
-    """Σ_rows ||x − x̄||² of a stream of batches (Chan et al.'s pairwise merge, float64)."""
+    """Σ_rows ||x − x̄||² of a stream of batches (Chan et al.'s pairwise merge, float64).
+
+    Sums stay on the batches' device (no host copy per batch).
+    """
 
     def __init__(self, d_model: int) -> None:
         self.n = 0
-        self.mean = torch.zeros(d_model, dtype=torch.float64)
-        self.m2 = 0.0
+        self.d_model = d_model
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | float = 0.0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", torch.float64)
+        x = x.detach().to(torch.float64)
         n_b = x.shape[0]
         if n_b == 0:
             return
+        if self.mean is None:
+            self.mean = torch.zeros(self.d_model, dtype=torch.float64, device=x.device)
         mean_b = x.mean(0)
-        m2_b = float((x - mean_b).pow(2).sum())
+        m2_b = (x - mean_b).pow(2).sum()
         n = self.n + n_b
         delta = mean_b - self.mean
-        self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * n_b / n
-        self.mean += delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.pow(2).sum() * (self.n * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
         self.n = n
+
+    @property
+    def total(self) -> float:
+        """Σ_rows ||x − x̄||² so far."""
+        return float(self.m2)
 
 
 class ReconAccumulator:
-    """Streams (x, x̂, latents) batches of one inference setting into ReconMetrics."""
+    """Streams (x, x̂, latents) batches of one inference setting into ReconMetrics.
 
-    def __init__(self, d_model: int, n_latents: int) -> None:
+    Settings evaluated on the same rows can share one `variance` (then the caller updates it).
+    """
+
+    def __init__(
+        self, d_model: int, n_latents: int, variance: VarianceAccumulator | None = None
+    ) -> None:
         self.d_model, self.n_latents = d_model, n_latents
-        self.variance = VarianceAccumulator(d_model)
-        self.sq_err = 0.0
-        self.active = 0
-        self.fire_counts = torch.zeros(n_latents, dtype=torch.int64)
-        self.sq_act = torch.zeros(n_latents, dtype=torch.float64)
+        self.owns_variance = variance is None
+        self.variance = variance if variance is not None else VarianceAccumulator(d_model)
+        self.sq_err: torch.Tensor | float = 0.0
+        self.active: torch.Tensor | int = 0
+        self.fire_counts: torch.Tensor | None = None
+        self.sq_act: torch.Tensor | None = None
 
     def _update_recon(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        self.variance.update(x)
+        if self.owns_variance:
+            self.variance.update(x)
         diff = x.detach().double() - x_hat.detach().double()
-        self.sq_err += float(diff.pow(2).sum())
+        self.sq_err = self.sq_err + diff.pow(2).sum()
+        if self.fire_counts is None:
+            self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64, device=x.device)
+            self.sq_act = torch.zeros(self.n_latents, dtype=torch.float64, device=x.device)
 
     def update_sparse(
         self, x: torch.Tensor, x_hat: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor
@@ -94,35 +115,36 @@ class ReconAccumulator:
         """x, x̂: (B, D); vals, idx: (B, k) latents (zero values are not active)."""
         self._update_recon(x, x_hat)
         on = vals.detach() > 0
-        self.active += int(on.sum())
-        flat_idx = idx.detach().reshape(-1).to("cpu")
-        self.fire_counts.index_add_(0, flat_idx, on.reshape(-1).to("cpu", torch.int64))
-        sq = (vals.detach().double().pow(2) * on).reshape(-1).to("cpu")
-        self.sq_act.index_add_(0, flat_idx, sq)
+        self.active = self.active + on.sum()
+        flat_idx = idx.detach().reshape(-1).to(self.fire_counts.device)
+        self.fire_counts.index_add_(0, flat_idx, on.reshape(-1).to(torch.int64))
+        self.sq_act.index_add_(0, flat_idx, (vals.detach().double().pow(2) * on).reshape(-1))
 
     def update_dense(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor) -> None:
         """x, x̂: (B, D); latents: (B, F) activations (> 0 means active)."""
         self._update_recon(x, x_hat)
         on = latents.detach() > 0
-        self.active += int(on.sum())
-        self.fire_counts += on.sum(0).to("cpu", torch.int64)
-        self.sq_act += (latents.detach().double().pow(2) * on).sum(0).to("cpu")
+        self.active = self.active + on.sum()
+        self.fire_counts += on.sum(0, dtype=torch.int64)
+        self.sq_act += (latents.detach().double().pow(2) * on).sum(0)
 
     def result(self) -> ReconMetrics:
         n = self.variance.n
-        if n == 0:
+        if n == 0 or self.fire_counts is None:
             raise ValueError("no rows were evaluated")
-        fvu = fvu_from_sums(self.sq_err, self.variance.m2)
-        counts = self.fire_counts
+        sq_err = float(self.sq_err)
+        fvu = fvu_from_sums(sq_err, self.variance.total)
+        counts = self.fire_counts.cpu()
         frequency = counts.double() / n
-        mean_sq = torch.where(counts > 0, self.sq_act / counts.clamp_min(1), math.nan)
+        sq_act = self.sq_act.cpu()
+        mean_sq = torch.where(counts > 0, sq_act / counts.clamp_min(1), math.nan)
         dead, almost_dead = dead_counts(frequency)
         return ReconMetrics(
             n_rows=n,
             fvu=fvu,
             ev=1.0 - fvu,
-            mse=self.sq_err / (n * self.d_model),
-            l0=self.active / n,
+            mse=sq_err / (n * self.d_model),
+            l0=int(self.active) / n,
             dead=dead,
             almost_dead=almost_dead,
             frequency=frequency,
@@ -159,6 +181,14 @@ class RankCosineAccumulator:
         self.sums = torch.zeros(max(k - 1, 0), dtype=torch.float64)
         self.counts = torch.zeros(max(k - 1, 0), dtype=torch.int64)
         self.max_elements = max_elements
+        self._unit: tuple[torch.Tensor, torch.Tensor] | None = None  # (W_dec, its unit rows)
+
+    def _unit_rows(self, W_dec: torch.Tensor) -> torch.Tensor:
+        """Unit-normalised decoder rows, computed once per decoder (it is large)."""
+        if self._unit is None or self._unit[0] is not W_dec:
+            unit = W_dec.detach().float()
+            self._unit = (W_dec, unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return self._unit[1]
 
     def update(self, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> None:
         """vals, idx: (B, k) sorted descending; W_dec: (F, D) decoder rows."""
@@ -166,8 +196,7 @@ class RankCosineAccumulator:
         if k < 2 or self.sums.numel() == 0:
             return
         k = min(k, self.sums.numel() + 1)
-        unit = W_dec.detach().float()
-        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit = self._unit_rows(W_dec)
         rows = max(1, self.max_elements // (k * unit.shape[1]))
         for start in range(0, vals.shape[0], rows):
             v = vals[start : start + rows, :k].detach()

@@ -1,0 +1,88 @@
+"""`sae eval RUN --cache CACHE`: the held-out split of a real store, and refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae.cli import main
+from sae.eval.evaluate import evaluate_sae, plan_settings
+from sae.train.model import SAEConfig, SparseAutoencoder
+from tests.planted import planted_activations, planted_dictionary, write_planted_cache
+
+D, F = 16, 32
+
+
+@pytest.fixture(scope="module")
+def cache_url(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("cache") / "planted.zarr")
+    acts = planted_activations(planted_dictionary(24, D), 4096) + 0.25
+    write_planted_cache(url, acts, chunk_rows=256)
+    return url
+
+
+def planted_run(tmp_path, **cfg) -> tuple[SparseAutoencoder, str]:
+    fields = {"model": "planted", "layer": 0, "arch": "topk", "k": 4} | cfg
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=F, input_scale=0.5, **fields))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_dec[:24] = planted_dictionary(24, D)
+        sae.W_enc[:24] = planted_dictionary(24, D)
+    run = tmp_path / "run"
+    sae.save(run)
+    return sae, str(run)
+
+
+def run_cli(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code or 0
+
+
+def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
+    from sae.store import open_cache
+
+    sae, run = planted_run(tmp_path)
+    code = run_cli(["eval", run, "--cache", cache_url, "--k", "1,2,4,64", "--device", "cpu",
+                    "--batch", "100"])  # fmt: skip
+    assert code == 0
+    doc = json.loads((tmp_path / "run" / "eval.json").read_text())
+    cache = open_cache(cache_url)
+    start, stop = cache.heldout_rows
+    assert doc["tokens"] == stop - start > 0
+    heldout = torch.from_numpy(cache.read_rows(start, stop)).float()
+    expected = evaluate_sae(sae, [heldout], plan_settings("topk", F, 4, [1, 2, 4]))
+    assert [r["k"] for r in doc["results"]] == [1, 2, 4]
+    assert doc["skipped"] == ["k=64 skipped: larger than the dictionary (32 latents)"]
+    for got, want in zip(doc["results"], expected.rows, strict=True):
+        assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-9)
+        assert (got["l0"], got["dead"]) == (want["l0"], want["dead"])
+    assert doc["top1_ev"] == pytest.approx(expected.top_ev(1), rel=1e-9)
+    assert [r["l0"] for r in doc["results"]] == [1.0, 2.0, 4.0]
+
+
+def test_eval_refuses_a_cache_of_another_layer(tmp_path, cache_url, capsys) -> None:
+    _, run = planted_run(tmp_path, layer=3, model="gemma-2-2b")
+    assert run_cli(["eval", run, "--cache", cache_url, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold the SAE's inputs" in err
+    assert "model 'planted' vs 'gemma-2-2b'" in err and "layer 0 vs 3" in err
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_eval_refuses_what_is_not_an_sae(tmp_path, cache_url, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    assert run_cli(["eval", str(tmp_path / "empty"), "--cache", cache_url]) == 2
+    assert "is not an SAE directory" in capsys.readouterr().err
+    _, run = planted_run(tmp_path)
+    assert run_cli(["eval", run]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
+    assert run_cli(["eval", run, "--cache", cache_url, "--k", "1,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["d_model"] = 8
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert run_cli(["eval", run, "--cache", cache_url]) == 2
+    assert "does not match" in capsys.readouterr().err
