@@ -86,3 +86,23 @@ def test_eval_refuses_what_is_not_an_sae(tmp_path, cache_url, capsys) -> None:
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     assert run_cli(["eval", run, "--cache", cache_url]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url) -> None:
+    """`sae train` → `sae eval` at the training k gives the trainer's held-out FVU; exports load."""
+    from sae import load
+
+    run = str(tmp_path / "trained")
+    args = ["train", "--cache", cache_url, "--out", run, "--arch", "topk", "--k", "4"]
+    args += ["--latents", "32", "--batch", "256", "--tokens", "2K", "--eval-tokens", "200"]
+    assert run_cli([*args, "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "trained" / "summary.json").read_text())
+    out = str(tmp_path / "eval.json")
+    eval_args = ["eval", run, "--cache", cache_url, "--k", "4", "--tokens", "200", "--out", out]
+    assert run_cli([*eval_args, "--device", "cpu"]) == 0
+    row = json.loads((tmp_path / "eval.json").read_text())["results"][0]
+    assert row["fvu"] == pytest.approx(summary["fvu"], rel=1e-4)
+    assert (row["l0"], row["dead"]) == (summary["l0"], summary["dead"])
+    assert run_cli(["export", run, str(tmp_path / "ours"), "--format", "sae"]) == 0
+    x = torch.randn(8, D)
+    assert torch.equal(load(str(tmp_path / "ours")).reconstruct(x), load(run).reconstruct(x))
