@@ -125,7 +125,9 @@ def layout_from_attrs(attrs: dict) -> Layout:
         values = {k: attrs[k] for k in ("total_tokens", "d_model", "chunk_rows", "shard_rows")}
         values["world_size"] = attrs["world_size"]
     except KeyError as err:
-        raise SaeError(f"cache attributes lack {err.args[0]!r}; the cache metadata is damaged") from None
+        raise SaeError(
+            f"cache attributes lack {err.args[0]!r}; the cache metadata is damaged"
+        ) from None
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise SaeError(f"cache attribute {key}={value!r} is not a positive integer")

@@ -51,7 +51,9 @@ class Location:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SaeError(f"{self.url}/{key} is not valid JSON ({err}); the cache is damaged") from None
+            raise SaeError(
+                f"{self.url}/{key} is not valid JSON ({err}); the cache is damaged"
+            ) from None
         if not isinstance(data, dict):
             raise SaeError(f"{self.url}/{key} is not a JSON object; the cache is damaged")
         return data

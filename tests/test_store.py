@@ -1,0 +1,412 @@
+"""The activation store against real zarr stores in tmp dirs and memory://."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sae.cli import app
+from sae.errors import SaeError
+from sae.store import CacheWriter, open_cache
+
+D = 16
+CONTEXT = 8
+IDENTITY = {
+    "model": "tiny",
+    "model_revision": "r1",
+    "layer": 3,
+    "hook": "resid_post",
+    "d_model": D,
+    "dtype": "float32",
+    "context": CONTEXT,
+    "tokenizer": "tiny",
+    "dataset": "local",
+    "dataset_config": None,
+    "split": "train",
+    "text_column": "text",
+    "seed": 0,
+}
+
+
+NOISE = np.random.default_rng(0).standard_t(3, size=(4999, 2 * D)).astype(np.float32)
+
+
+def rows_for(start: int, n: int, d: int = D) -> np.ndarray:
+    """Rows that say which global row they are (cols 0,1 exact in fp16) plus heavy-tailed noise."""
+    idx = np.arange(start, start + n)
+    x = NOISE[idx % len(NOISE), :d].copy()
+    x[:, 0], x[:, 1] = idx // 1000, idx % 1000
+    return x
+
+
+def row_ids(batch: torch.Tensor) -> np.ndarray:
+    b = batch.float().numpy()
+    return (b[:, 0] * 1000 + b[:, 1]).astype(np.int64)
+
+
+def write(
+    url: str,
+    n: int,
+    *,
+    total: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    step: int = 100,
+    offset: int = 0,
+    **kw,
+) -> CacheWriter:
+    total = total or n
+    w = CacheWriter(
+        url,
+        d_model=D,
+        total_tokens=total,
+        identity=IDENTITY,
+        attrs={"note": "test"},
+        chunk_rows=32,
+        shard_rows=64,
+        rank=rank,
+        world_size=world,
+        **kw,
+    )
+    start = w.committed
+    for i in range(start, n, step):
+        k = min(step, n - i)
+        g = offset + i
+        w.append(
+            torch.from_numpy(rows_for(g, k)),
+            np.arange(g, g + k) % 50000,
+            np.arange(g, g + k) % CONTEXT,
+            state={"next": i + k},
+        )
+    w.close()
+    return w
+
+
+@pytest.fixture(params=["local", "memory"])
+def url(request, tmp_path) -> str:
+    return str(tmp_path / "cache") if request.param == "local" else f"memory://c-{uuid.uuid4().hex}"
+
+
+def test_round_trip_bit_exact(url):
+    n = 1000
+    w = write(url, n)
+    assert w.committed == n and w.resume_state == (n, {"next": n})
+    cache = open_cache(url)
+    assert cache.n_tokens == n and cache.d_model == D and cache.layer == 3 and cache.model == "tiny"
+    x = rows_for(0, n)
+    np.testing.assert_array_equal(cache.read_rows(0, n), x.astype(np.float16))
+    np.testing.assert_array_equal(cache.read_rows(123, 457), x[123:457].astype(np.float16))
+    np.testing.assert_array_equal(cache.token_ids(0, n), np.arange(n) % 50000)
+    np.testing.assert_array_equal(cache.positions(0, n), np.arange(n) % CONTEXT)
+    st = cache.stats
+    assert st["count"] == n and st["nonfinite"] == 0 and st["overflow"] == 0
+    np.testing.assert_allclose(st["mean"], x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(st["mean_sq_norm"], (x.astype(np.float64) ** 2).sum(1).mean())
+    assert st["max_abs"] == pytest.approx(np.abs(x).max())
+    assert cache.attrs["config"] == {"note": "test"} and cache.identity == IDENTITY
+
+
+def test_plain_zarr_reads_without_sae(tmp_path):
+    path = tmp_path / "cache"
+    write(str(path), 300)
+    script = textwrap.dedent(f"""
+        import json, sys, zarr
+        g = zarr.open_group({str(path)!r}, mode="r")
+        a = g["activations"]
+        print(json.dumps({{"shape": list(a.shape), "dtype": str(a.dtype), "row5": a[5].tolist(),
+                          "tok": int(g["token_ids"][7]), "model": g.attrs["identity"]["model"],
+                          "committed": g.attrs["tokens_committed"],
+                          "w0": g["writers/rank-00000"].attrs["committed"],
+                          "sae": "sae" in sys.modules}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["shape"] == [300, D] and got["dtype"] == "float16" and not got["sae"]
+    assert got["row5"] == rows_for(0, 300)[5].astype(np.float16).tolist()
+    assert (
+        got["tok"] == 7 and got["model"] == "tiny" and got["committed"] == 300 and got["w0"] == 300
+    )
+
+
+KILL_WRITER = """
+import sys, time, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from test_store import write_slowly
+write_slowly({path!r})
+"""
+
+
+def write_slowly(path: str, total: int = 4000) -> None:
+    """Used by the SIGKILL test's subprocess: appends forever-ish, one small step at a time."""
+    w = CacheWriter(
+        path,
+        d_model=D,
+        total_tokens=total,
+        identity=IDENTITY,
+        attrs={},
+        chunk_rows=32,
+        shard_rows=64,
+    )
+    for i in range(w.committed, total, 10):
+        w.append(
+            rows_for(i, 10),
+            np.arange(i, i + 10),
+            np.arange(i, i + 10) % CONTEXT,
+            state={"next": i + 10},
+        )
+        time.sleep(0.002)
+    w.close()
+
+
+def test_sigkill_mid_write_then_resume(tmp_path):
+    path = str(tmp_path / "cache")
+    code = KILL_WRITER.format(tests=str(Path(__file__).parent), path=path)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 30
+    rec = tmp_path / "cache" / "writers" / "rank-00000" / "zarr.json"
+    while time.time() < deadline:
+        if rec.exists() and json.loads(rec.read_text())["attributes"]["committed"] >= 640:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cache = open_cache(path)
+    n = cache.n_tokens
+    assert 640 <= n < 4000 and n % 64 == 0  # commits are whole shards
+    np.testing.assert_array_equal(cache.read_rows(0, n), rows_for(0, n).astype(np.float16))
+    # resume: the writer continues at the committed count; the stream restarts from its state
+    w = CacheWriter(
+        path,
+        d_model=D,
+        total_tokens=4000,
+        identity=IDENTITY,
+        attrs={},
+        chunk_rows=32,
+        shard_rows=64,
+    )
+    rows, state = w.resume_state
+    assert w.committed == n and state == {"next": rows} and rows <= n
+    for i in range(n, 4000, 10):
+        k = min(10, 4000 - i)
+        w.append(rows_for(i, k), np.arange(i, i + k), np.arange(i, i + k) % CONTEXT)
+    w.close()
+    cache = open_cache(path)
+    assert cache.n_tokens == 4000 and cache.stats["count"] == 4000
+    np.testing.assert_array_equal(cache.read_rows(0, 4000), rows_for(0, 4000).astype(np.float16))
+    np.testing.assert_array_equal(cache.token_ids(0, 4000), np.arange(4000))
+
+
+def test_partial_tail_commit_resumes(url):
+    w = CacheWriter(
+        url, d_model=D, total_tokens=500, identity=IDENTITY, attrs={}, chunk_rows=32, shard_rows=64
+    )
+    with pytest.raises(RuntimeError), w:
+        w.append(rows_for(0, 100), np.arange(100), np.arange(100) % CONTEXT)
+        raise RuntimeError("harvest crashed")
+    assert open_cache(url).n_tokens == 100  # appended rows were fully written before commit
+    write(url, 500)
+    np.testing.assert_array_equal(
+        open_cache(url).read_rows(0, 500), rows_for(0, 500).astype(np.float16)
+    )
+
+
+def test_verify_names_flipped_chunk(tmp_path):
+    path = tmp_path / "cache"
+    write(str(path), 1000)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["store", "verify", str(path)])
+    assert ok.exit_code == 0, ok.output
+    info = runner.invoke(app, ["store", "info", str(path)])
+    assert info.exit_code == 0 and "tiny" in info.output and "1,000" in info.output
+    # chunk 5 = rows 160..191 = shard 2, inner chunk 1; data starts after inner chunk 0 (+crc)
+    shard = path / "activations" / "c" / "2" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[32 * D * 2 + 4 + 100] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    bad = runner.invoke(app, ["store", "verify", str(path)])
+    assert bad.exit_code == 1
+    assert "corrupted chunks: 5" in bad.output
+    with pytest.raises(SaeError, match="checksum"):
+        open_cache(str(path)).read_rows(150, 200)
+
+
+def test_two_ranks_disjoint_complete_and_deterministic(url):
+    total = 4096  # token chunks of 16 shards * 64 rows = 1024 rows; 4 units over 2 ranks
+    for rank in (0, 1):  # ranks write independently (could be separate processes/nodes)
+        w = CacheWriter(
+            url,
+            d_model=D,
+            total_tokens=total,
+            identity=IDENTITY,
+            attrs={},
+            chunk_rows=32,
+            shard_rows=64,
+            rank=rank,
+            world_size=2,
+        )
+        lo = rank * 2048
+        assert w.target == 2048
+        for i in range(0, 2048, 256):
+            g = lo + i
+            w.append(rows_for(g, 256), np.arange(g, g + 256), np.arange(g, g + 256) % CONTEXT)
+        w.close()
+    cache = open_cache(url)
+    assert cache.n_tokens == total
+    h = cache.heldout_rows[1]
+    kept = {i for i in range(h, total) if i % CONTEXT}
+    seen = []
+    for r in (0, 1):
+        stream = cache.batches(
+            64, seed=7, rank=r, world_size=2, drop_last=False, shuffle_rows=128, dtype=torch.float16
+        )
+        seen.append(np.concatenate([row_ids(b) for b in stream]))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(np.concatenate(seen).tolist()) == sorted(kept)
+    again = np.concatenate(
+        [
+            row_ids(b)
+            for b in cache.batches(
+                64, seed=7, rank=0, world_size=2, drop_last=False, shuffle_rows=128
+            )
+        ]
+    )
+    np.testing.assert_array_equal(again, seen[0])
+    other = np.concatenate(
+        [
+            row_ids(b)
+            for b in cache.batches(
+                64, seed=8, rank=0, world_size=2, drop_last=False, shuffle_rows=128
+            )
+        ]
+    )
+    assert not np.array_equal(other, seen[0])
+    held = np.concatenate([row_ids(b) for b in cache.batches(16, split="heldout", drop_last=False)])
+    assert sorted(held.tolist()) == [i for i in range(h) if i % CONTEXT]
+    with_bos = np.concatenate(
+        [row_ids(b) for b in cache.batches(16, split="heldout", keep_bos=True, drop_last=False)]
+    )
+    assert sorted(with_bos.tolist()) == list(range(h))
+
+
+def test_cursor_resumes_same_stream(tmp_path):
+    url = str(tmp_path / "cache")
+    write(url, 2000)
+    cache = open_cache(url)
+    full = [row_ids(b) for b in cache.batches(50, seed=3, epochs=2, shuffle_rows=96)]
+    stream = cache.batches(50, seed=3, epochs=2, shuffle_rows=96)
+    first = []
+    for b in stream:
+        first.append(row_ids(b))
+        if len(first) == len(full) // 2 + 3:
+            break
+    cursor = json.loads(json.dumps(stream.cursor()))
+    stream.close()
+    rest = [row_ids(b) for b in cache.batches(50, seed=3, epochs=2, shuffle_rows=96, cursor=cursor)]
+    assert len(first) + len(rest) == len(full)
+    for a, b in zip(first + rest, full, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SaeError, match="seed"):
+        cache.batches(50, seed=4, cursor=cursor)
+
+
+def test_mismatched_config_refused(url):
+    write(url, 200)
+    with pytest.raises(SaeError, match="d_model"):
+        CacheWriter(
+            url,
+            d_model=D * 2,
+            total_tokens=200,
+            identity={**IDENTITY, "d_model": D * 2},
+            attrs={},
+            chunk_rows=32,
+            shard_rows=64,
+        )
+    with pytest.raises(SaeError, match="layer=3 in the cache, 4 now"):
+        CacheWriter(
+            url,
+            d_model=D,
+            total_tokens=200,
+            identity={**IDENTITY, "layer": 4},
+            attrs={},
+            chunk_rows=32,
+            shard_rows=64,
+        )
+    w = CacheWriter(
+        url,
+        d_model=D,
+        total_tokens=200,
+        identity={**IDENTITY, "layer": 4},
+        attrs={},
+        chunk_rows=32,
+        shard_rows=64,
+        overwrite=True,
+    )
+    assert w.committed == 0
+    with pytest.raises(SaeError, match=r"expected \(n, 16\)"):
+        w.append(np.zeros((4, 8), np.float32), np.arange(4), np.arange(4))
+    with pytest.raises(SaeError, match="more than its 200"):
+        w.append(np.ones((201, D), np.float32), np.arange(201), np.arange(201))
+    w.close()
+
+
+def test_fp16_overflow_and_nonfinite_counted(tmp_path):
+    url = str(tmp_path / "cache")
+    x = rows_for(0, 64)
+    x[3, 5], x[4, 6], x[7, 2], x[8, 8] = 1e6, -7e4, np.nan, np.inf
+    with CacheWriter(
+        url, d_model=D, total_tokens=64, identity=IDENTITY, attrs={}, chunk_rows=32, shard_rows=64
+    ) as w:
+        w.append(torch.from_numpy(x).to(torch.bfloat16).float(), np.arange(64), np.arange(64) % 8)
+    cache = open_cache(url)
+    got = cache.read_rows(0, 64)
+    assert np.isfinite(got).all()
+    assert got[3, 5] == 65504 and got[4, 6] == -65504 and got[7, 2] == 0 and got[8, 8] == 0
+    assert cache.stats["overflow"] == 2 and cache.stats["nonfinite"] == 2
+
+
+def test_bad_paths_are_clear_errors(tmp_path):
+    with pytest.raises(SaeError, match="does not exist"):
+        open_cache(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SaeError, match="not an sae activation cache"):
+        open_cache(str(tmp_path / "empty"))
+    path = tmp_path / "cache"
+    write(str(path), 100)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 99
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(SaeError, match="newer than this sae"):
+        open_cache(str(path))
+    meta["attributes"]["format_version"] = 1
+    (path / "zarr.json").write_text(json.dumps(meta))
+    (path / "token_ids" / "zarr.json").unlink()
+    with pytest.raises(SaeError, match="lacks the 'token_ids' array"):
+        open_cache(str(path))
+    result = CliRunner().invoke(app, ["store", "info", str(tmp_path / "empty")])
+    assert result.exit_code != 0
+
+
+def test_sample_and_heldout_never_in_train(tmp_path):
+    url = str(tmp_path / "cache")
+    write(url, 3000)
+    cache = open_cache(url)
+    lo, hi = cache.heldout_rows
+    assert lo == 0 and hi == 32  # ~1% of 3000 rounded up to a chunk
+    train = np.concatenate([row_ids(b) for b in cache.batches(100, drop_last=False)])
+    assert train.min() >= hi
+    s = cache.sample(200, seed=1)
+    assert s.shape == (200, D) and s.dtype == torch.float32
+    with pytest.raises(SaeError, match="only"):
+        cache.sample(100, split="heldout")
