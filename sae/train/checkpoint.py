@@ -55,7 +55,8 @@ def load_checkpoint(out: Path) -> dict:
     path = checkpoint_path(out)
     if not path.is_file():
         raise SaeError(
-            f"--resume: {out} has no checkpoint ({path} is missing); start it without --resume"
+            f"--resume: {out} has no checkpoint yet ({path} is missing); "
+            "start the run over with --overwrite instead of --resume"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

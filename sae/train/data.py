@@ -102,6 +102,7 @@ class CacheSource:
             split="train",
             seed=seed,
             device=device,
+            dtype=torch.float16,  # half the host→GPU bytes; the model casts on the device
             rank=rank,
             world_size=world_size,
             epochs=None,
