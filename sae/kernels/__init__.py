@@ -3,38 +3,82 @@
 Shapes: x (B, D); W_enc (F, D); b_enc (F,); W_dec (F, D); b_dec (D,); vals (B, K) sorted
 descending; idx (B, K) int64. All ops are differentiable.
 
-(Interface fixed by the foundation commit; the kernels issue fills in the fast paths.)
+Backend choice: `backend="triton"|"torch"` per call, else the SAE_KERNELS environment variable
+(same values, or "auto"), else auto: Triton for CUDA tensors, the reference otherwise. Forcing
+"triton" on CPU tensors works under TRITON_INTERPRET=1 (how the tests check the kernels).
+`deterministic=True` replaces atomic scatter-adds with sorted segment reductions (bitwise
+repeatable, somewhat slower).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from sae.kernels import reference
+from sae.kernels.reference import loss_indices
 
 __all__ = ["hierarchical_loss", "loss_indices", "topk_decode", "topk_encode"]
 
+BACKENDS = ("auto", "triton", "torch")
 
-def loss_indices(k: int, every: int = 1) -> list[int]:
-    """The 1-based prefix lengths J_m = {1} ∪ {j ≤ k : j mod m = 0} of the paper's §3.4 (m=1: all)."""
-    if every < 1 or k < 1:
-        raise ValueError(f"need k >= 1 and every >= 1, got k={k}, every={every}")
-    return sorted({1} | {j for j in range(every, k + 1, every)})
+
+def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
+    choice = backend or os.environ.get("SAE_KERNELS", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "auto":
+        return t.is_cuda
+    return choice == "triton"
+
+
+def _check_sparse(vals: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+    if vals.dim() != 2 or vals.shape != idx.shape:
+        raise ValueError(
+            f"vals and idx must both be (B, K), got {tuple(vals.shape)} and {tuple(idx.shape)}"
+        )
+    if w.dim() != 2:
+        raise ValueError(f"W_dec must be (F, D), got {tuple(w.shape)}")
 
 
 def topk_encode(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    backend: str | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """relu(top-k of x @ W_enc.T + b_enc) per row: (vals sorted descending, idx)."""
-    pre = x @ W_enc.to(x.dtype).T + b_enc.to(x.dtype)
-    vals, idx = pre.topk(k, dim=-1, sorted=True)
-    return vals.relu(), idx
+    """relu(top-k of x @ W_enc.T + b_enc) per row: (vals sorted descending, idx).
+
+    The matmul and top-k run in PyTorch (cuBLAS); the backward never forms a dense (B, F)
+    gradient: W_enc's and b_enc's gradients are scatter-adds of the (B, K) sparse gradient.
+    """
+    if not _use_triton(x, backend):
+        return reference.topk_encode(x, W_enc, b_enc, k)
+    from sae.kernels.triton_ops import TopKEncode
+
+    return TopKEncode.apply(x, W_enc, b_enc, k, deterministic)
 
 
 def topk_decode(
-    vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    backend: str | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """x̂ = b_dec + Σ_i vals[:, i] · W_dec[idx[:, i]]."""
-    emb = W_dec[idx]  # (B, K, D)
-    return b_dec + (vals.unsqueeze(-1).to(emb.dtype) * emb).sum(1)
+    _check_sparse(vals, idx, W_dec)
+    if not _use_triton(vals, backend):
+        return reference.topk_decode(vals, idx, W_dec, b_dec)
+    from sae.kernels.triton_ops import TopKDecode
+
+    return TopKDecode.apply(vals, idx, W_dec, b_dec, deterministic)
 
 
 def hierarchical_loss(
@@ -44,9 +88,16 @@ def hierarchical_loss(
     b_dec: torch.Tensor,
     x: torch.Tensor,
     every: int = 1,
+    *,
+    backend: str | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """mean over rows and j ∈ J of ||x − x̂_j||², x̂_j = b_dec + Σ_{i≤j} vals_i · W_dec[idx_i]."""
-    js = torch.tensor(loss_indices(vals.shape[1], every), device=vals.device) - 1
-    emb = W_dec[idx] * vals.unsqueeze(-1).to(W_dec.dtype)
-    recon = emb.cumsum(1)[:, js] + b_dec
-    return (recon - x.unsqueeze(1).to(recon.dtype)).pow(2).sum(-1).mean()
+    _check_sparse(vals, idx, W_dec)
+    loss_indices(max(vals.shape[1], 1), every)  # validates `every`
+    if not _use_triton(vals, backend):
+        return reference.hierarchical_loss(vals, idx, W_dec, b_dec, x, every)
+    from sae.kernels.triton_ops import HierarchicalLoss
+
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (vals, W_dec, b_dec, x))
+    return HierarchicalLoss.apply(vals, idx, W_dec, b_dec, x, every, want_grad, deterministic)

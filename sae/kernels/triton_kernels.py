@@ -1,0 +1,231 @@
+"""Triton kernels for the sparse SAE ops (written from the math in docs/kernels-notes.md).
+
+Layout shared by every row kernel: one program per (batch row b, D-chunk c), holding the row's
+K gathered dictionary rows for that chunk as a [K_PAD, BLOCK_D] register tile. The grid is
+(rows, chunks) with rows fastest, so the programs resident at any moment all read the same
+D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2 while the batch sweeps over it.
+
+Scatter-adds into the (F, D) weight gradients come in two flavours: atomics from the row kernels
+(fast, order-dependent), or a segment reduction over the (b, k) pairs sorted by latent
+(`segment_rows_kernel`, deterministic: each output row is summed in a fixed order by one program).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(K, d_start, d_end, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's row b and its [K_PAD, BLOCK_D] tile coordinates and masks."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, c, offs_k, offs_k < K, offs_d, offs_d < d_end
+
+
+@triton.jit
+def gather_sum_kernel(
+    out_ptr,
+    vals_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    K,
+    D,
+    stride_v,
+    stride_i,
+    stride_w,
+    stride_o,
+    HAS_BIAS: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b] = bias + Σ_k vals[b, k] · W[idx[b, k]] (sparse decode; also the encoder's grad_x)."""
+    b, _c, offs_k, mk, offs_d, md = _tile(K, 0, D, K_PAD, BLOCK_D)
+    v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
+    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
+    e = tl.load(
+        w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=mk[:, None] & md[None, :], other=0.0
+    ).to(tl.float32)
+    out = tl.sum(v[:, None] * e, axis=0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def scatter_rows_kernel(
+    gw_ptr,
+    gv_ptr,
+    coef_ptr,
+    idx_ptr,
+    vec_ptr,
+    w_ptr,
+    K,
+    D,
+    stride_c,
+    stride_i,
+    stride_vec,
+    stride_w,
+    stride_gv_chunk,
+    stride_gv,
+    SCATTER: tl.constexpr,
+    DOT: tl.constexpr,
+    DOT_ATOMIC: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Row-vector outer products, the backward of a sparse decode / sparse encoder.
+
+    SCATTER: gW[idx[b, k]] += coef[b, k] · vec[b] (atomics).
+    DOT: gv[b, k] (+)= <vec[b], W[idx[b, k]]> over this chunk: atomically into (B, K) or, for
+    determinism, into a (chunks, B, K) partials buffer summed afterwards.
+    """
+    b, c, offs_k, mk, offs_d, md = _tile(K, 0, D, K_PAD, BLOCK_D)
+    m2 = mk[:, None] & md[None, :]
+    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
+    vec = tl.load(vec_ptr + b * stride_vec + offs_d, mask=md, other=0.0).to(tl.float32)
+    if SCATTER:
+        coef = tl.load(coef_ptr + b * stride_c + offs_k, mask=mk, other=0.0).to(tl.float32)
+        tl.atomic_add(
+            gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+            coef[:, None] * vec[None, :],
+            mask=m2,
+            sem="relaxed",
+        )
+    if DOT:
+        e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0)
+        dots = tl.sum(e.to(tl.float32) * vec[None, :], axis=1)
+        if DOT_ATOMIC:
+            tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
+        else:
+            tl.store(gv_ptr + c * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
+
+
+@triton.jit
+def hierarchical_kernel(
+    loss_part_ptr,
+    gv_ptr,
+    gr_ptr,
+    gw_ptr,
+    vals_ptr,
+    idx_ptr,
+    w_ptr,
+    bdec_ptr,
+    x_ptr,
+    K,
+    D,
+    d_start,
+    d_end,
+    every,
+    gw_scale,
+    stride_v,
+    stride_i,
+    stride_w,
+    stride_x,
+    stride_gv_chunk,
+    stride_gv,
+    stride_gr,
+    stride_gw_item,
+    WANT_GRAD: tl.constexpr,
+    GW_MODE: tl.constexpr,
+    GV_ATOMIC: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Hierarchical loss on one (row, chunk) tile, plus its gradients in the same pass.
+
+    With A_i = v_i e_i and r_0 = x − b_dec: residuals R_j = r_0 − Σ_{i≤j} A_i (forward cumsum),
+    loss partial Σ_{j∈J} ||R_j||², and S_i = Σ_{j≥i, j∈J} R_j (reverse cumsum) gives
+    dL/dv_i ∝ <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ S_1. Unscaled partials are written;
+    the caller applies −2/(B|J|) (gw_scale is applied here, on the scatter).
+    GW_MODE 0: no weight grad; 1: atomics into gw[idx]; 2: store v_i S_i to gw[b·K + i] (a
+    (B·K, d_end − d_start) buffer later segment-reduced, for determinism).
+    """
+    b, c, offs_k, mk, offs_d, md = _tile(K, d_start, d_end, K_PAD, BLOCK_D)
+    n_chunks_before = d_start // BLOCK_D
+    m2 = mk[:, None] & md[None, :]
+    j = offs_k + 1
+    in_j = mk & ((j == 1) | ((j % every) == 0))
+
+    v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
+    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
+    e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0).to(
+        tl.float32
+    )
+    r0 = tl.load(x_ptr + b * stride_x + offs_d, mask=md, other=0.0).to(tl.float32)
+    r0 -= tl.load(bdec_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    r = r0[None, :] - tl.cumsum(v[:, None] * e, axis=0)
+    rj = tl.where(in_j[:, None], r, 0.0)
+    tl.store(loss_part_ptr + (n_chunks_before + c) * tl.num_programs(0) + b, tl.sum(rj * r))
+    if WANT_GRAD:
+        s = tl.cumsum(rj, axis=0, reverse=True)
+        dots = tl.sum(s * e, axis=1)
+        if GV_ATOMIC:
+            tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
+        else:
+            chunk = n_chunks_before + c
+            tl.store(gv_ptr + chunk * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
+        tl.store(gr_ptr + b * stride_gr + offs_d, tl.sum(rj, axis=0), mask=md)
+        if GW_MODE == 1:
+            tl.atomic_add(
+                gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+                (gw_scale * v)[:, None] * s,
+                mask=m2,
+                sem="relaxed",
+            )
+        if GW_MODE == 2:
+            rows = b * K + offs_k
+            cols = offs_d - d_start
+            tl.store(
+                gw_ptr + rows[:, None] * stride_gw_item + cols[None, :],
+                (gw_scale * v)[:, None] * s,
+                mask=m2,
+            )
+
+
+@triton.jit
+def segment_rows_kernel(
+    out_ptr,
+    src_ptr,
+    coef_ptr,
+    order_ptr,
+    seg_ptr,
+    latent_ptr,
+    d_start,
+    d_end,
+    src_col0,
+    row_div,
+    stride_src,
+    stride_out,
+    HAS_COEF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Deterministic scatter-add: out[f_u] += Σ_{p in segment u} coef[item_p] · src[item_p // row_div].
+
+    Items are the flattened (b, k) pairs sorted (stably) by latent; segment u holds latent f_u's
+    items, summed in that fixed order by this one program, so results repeat bit for bit.
+    """
+    u = tl.program_id(0)
+    c = tl.program_id(1)
+    start = tl.load(seg_ptr + u)
+    end = tl.load(seg_ptr + u + 1)
+    f = tl.load(latent_ptr + u).to(tl.int64)
+    offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < d_end
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    p = start
+    while p < end:  # a while loop: data-dependent bounds (also what the interpreter accepts)
+        item = tl.load(order_ptr + p).to(tl.int64)
+        row = item // row_div
+        s = tl.load(src_ptr + row * stride_src + offs_d - src_col0, mask=md, other=0.0)
+        if HAS_COEF:
+            acc += tl.load(coef_ptr + item).to(tl.float32) * s.to(tl.float32)
+        else:
+            acc += s.to(tl.float32)
+        p += 1
+    ptrs = out_ptr + f * stride_out + offs_d
+    tl.store(ptrs, tl.load(ptrs, mask=md, other=0.0) + acc, mask=md)

@@ -1,0 +1,343 @@
+"""autograd.Functions around the Triton kernels: launch geometry, gradient scaling, determinism.
+
+The hierarchical loss computes its gradients in the forward pass (one gather of the dictionary
+rows serves the loss and every gradient) and only scales them by the incoming gradient in
+backward; under no_grad the same kernel runs with the gradient work compiled out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from sae.kernels.reference import loss_indices
+from sae.kernels.triton_kernels import (
+    gather_sum_kernel,
+    hierarchical_kernel,
+    scatter_rows_kernel,
+    segment_rows_kernel,
+)
+
+MAX_K = 1024
+# Tests set SAE_KERNELS_POISON=1: outputs the kernels must fully write start as NaN, so an
+# element a kernel forgot to write fails the comparison instead of passing as stale zeros.
+POISON_ENV = "SAE_KERNELS_POISON"
+_TILE = 8192  # elements of the [K_PAD, BLOCK_D] register tile
+
+
+def _geometry(k: int, d: int) -> tuple[int, int, int]:
+    """(K_PAD, BLOCK_D, num_warps) for a row tile of k gathered rows."""
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
+    k_pad = max(triton.next_power_of_2(k), 2)
+    block_d = max(16, min(128, _TILE // k_pad, triton.next_power_of_2(d)))
+    warps = 8 if k_pad * block_d >= 8192 else 4
+    return k_pad, block_d, warps
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled when poisoning is on (see POISON_ENV)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV) == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def latent_segments(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, seg, latents): flattened (b, k) items stably sorted by latent, segment offsets."""
+    sorted_lat, order = torch.sort(idx.reshape(-1), stable=True)
+    latents, counts = torch.unique_consecutive(sorted_lat, return_counts=True)
+    seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=idx.device)
+    seg[1:] = counts.cumsum(0)
+    return order, seg, latents
+
+
+def _segment_add(
+    out: torch.Tensor,
+    segs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    src: torch.Tensor,
+    coef: torch.Tensor | None,
+    row_div: int,
+    d_start: int,
+    d_end: int,
+    block_d: int,
+) -> None:
+    """out[f] += Σ coef · src rows over each latent's segment, columns [d_start, d_end)."""
+    order, seg, latents = segs
+    if latents.numel() == 0:
+        return
+    grid = (latents.numel(), triton.cdiv(d_end - d_start, block_d))
+    segment_rows_kernel[grid](
+        out,
+        src,
+        coef if coef is not None else src,
+        order,
+        seg,
+        latents,
+        d_start,
+        d_end,
+        d_start if row_div == 1 else 0,
+        row_div,
+        src.stride(0),
+        out.stride(0),
+        HAS_COEF=coef is not None,
+        BLOCK_D=block_d,
+    )
+
+
+def _segment_sum(values: torch.Tensor, segs, n: int) -> torch.Tensor:
+    """(n,) per-latent sums of flattened values in a fixed order (float64 prefix sums)."""
+    order, seg, latents = segs
+    csum = torch.zeros(order.numel() + 1, dtype=torch.float64, device=values.device)
+    csum[1:] = values.reshape(-1)[order].double().cumsum(0)
+    out = torch.zeros(n, dtype=torch.float64, device=values.device)
+    out[latents] = csum[seg[1:]] - csum[seg[:-1]]
+    return out
+
+
+def sparse_decode(vals, idx, w, bias, out_dtype) -> torch.Tensor:
+    """(B, D) = bias + Σ_k vals[:, k] · w[idx[:, k]] (bias may be None)."""
+    n, k = idx.shape
+    d = w.shape[1]
+    out = _new((n, d), out_dtype, w.device)
+    if n == 0:
+        return out
+    k_pad, block_d, warps = _geometry(k, d)
+    gather_sum_kernel[(n, triton.cdiv(d, block_d))](
+        out,
+        vals,
+        idx,
+        w,
+        bias if bias is not None else w,
+        k,
+        d,
+        vals.stride(0),
+        idx.stride(0),
+        w.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        K_PAD=k_pad,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
+    return out
+
+
+def sparse_outer_backward(
+    coef: torch.Tensor,
+    idx: torch.Tensor,
+    vec: torch.Tensor,
+    w: torch.Tensor,
+    want_w: bool,
+    want_dot: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(gW, dots): gW[f] = Σ_{idx[b,k]=f} coef[b,k] · vec[b]; dots[b,k] = <vec[b], w[idx[b,k]]>."""
+    n, k = idx.shape
+    d = w.shape[1]
+    k_pad, block_d, warps = _geometry(k, d)
+    n_chunks = triton.cdiv(d, block_d)
+    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+    dots = None
+    if want_dot:
+        if deterministic:
+            dots = _new((n_chunks, n, k), torch.float32, w.device)
+        else:
+            dots = torch.zeros(n, k, dtype=torch.float32, device=w.device)
+    scatter_atomic = want_w and not deterministic
+    if n > 0 and (scatter_atomic or want_dot):
+        scatter_rows_kernel[(n, n_chunks)](
+            gw if gw is not None else vec,
+            dots if dots is not None else vec,
+            coef,
+            idx,
+            vec,
+            w,
+            k,
+            d,
+            coef.stride(0),
+            idx.stride(0),
+            vec.stride(0),
+            w.stride(0),
+            n * k,
+            k,
+            SCATTER=scatter_atomic,
+            DOT=want_dot,
+            DOT_ATOMIC=not deterministic,
+            K_PAD=k_pad,
+            BLOCK_D=block_d,
+            num_warps=warps,
+        )
+    if want_w and deterministic and n > 0:
+        _segment_add(gw, latent_segments(idx), vec, coef.reshape(-1), k, 0, d, block_d)
+    if dots is not None and deterministic:
+        dots = dots.sum(0)
+    return gw, dots
+
+
+def _contig(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.contiguous() for t in ts]
+
+
+class HierarchicalLoss(torch.autograd.Function):
+    """Fused sparse decode + hierarchical loss; gradients computed eagerly in forward."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, w_dec, b_dec, x, every, want_grad, deterministic):
+        vals, idx, w_dec, b_dec, x = _contig(vals, idx, w_dec, b_dec, x)
+        n, k = idx.shape
+        d = w_dec.shape[1]
+        n_j = len(loss_indices(k, every))
+        k_pad, block_d, warps = _geometry(k, d)
+        n_chunks = triton.cdiv(d, block_d)
+        dev = w_dec.device
+        loss_part = _new((n_chunks, n), torch.float32, dev)
+        gv = gr = gw = None
+        if want_grad:
+            gv_shape = (n_chunks, n, k) if deterministic else (n, k)
+            gv = (
+                _new(gv_shape, torch.float32, dev)
+                if deterministic
+                else torch.zeros(gv_shape, device=dev)
+            )
+            gr = _new((n, d), torch.float32, dev)
+            gw = torch.zeros(w_dec.shape, dtype=torch.float32, device=dev)
+        scale = -2.0 / max(n * n_j, 1)
+
+        def launch(d_start, d_end, gw_mode, gw_buf):
+            grid = (n, triton.cdiv(d_end - d_start, block_d))
+            hierarchical_kernel[grid](
+                loss_part,
+                gv if gv is not None else loss_part,
+                gr if gr is not None else loss_part,
+                gw_buf if gw_buf is not None else loss_part,
+                vals,
+                idx,
+                w_dec,
+                b_dec,
+                x,
+                k,
+                d,
+                d_start,
+                d_end,
+                every,
+                scale,
+                vals.stride(0),
+                idx.stride(0),
+                w_dec.stride(0),
+                x.stride(0),
+                n * k,
+                k,
+                d,
+                gw_buf.stride(0) if gw_buf is not None else 0,
+                WANT_GRAD=want_grad,
+                GW_MODE=gw_mode,
+                GV_ATOMIC=not deterministic,
+                K_PAD=k_pad,
+                BLOCK_D=block_d,
+                num_warps=warps,
+            )
+
+        if n > 0:
+            if not want_grad:
+                launch(0, d, 0, None)
+            elif not deterministic:
+                launch(0, d, 1, gw)
+            else:
+                # Materialise v_i·S_i for one D-group at a time (about B·D floats), then reduce
+                # each latent's rows in sorted order: bitwise repeatable, no atomics.
+                segs = latent_segments(idx)
+                group = block_d * max(1, triton.cdiv(triton.cdiv(d, k), block_d))
+                buf = _new((n * k, group), torch.float32, dev)
+                for d0 in range(0, d, group):
+                    d1 = min(d, d0 + group)
+                    launch(d0, d1, 2, buf)
+                    _segment_add(gw, segs, buf, None, 1, d0, d1, block_d)
+        loss = loss_part.sum() / max(n * n_j, 1)
+        if want_grad:
+            if deterministic:
+                gv = gv.sum(0)
+            ctx.save_for_backward(gv, gr, gw)
+        ctx.meta = (n * n_j, vals.dtype, x.dtype, b_dec.dtype, w_dec.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gv, gr, gw = ctx.saved_tensors
+        count, vals_dtype, x_dtype, b_dtype, w_dtype = ctx.meta
+        c = 2.0 / max(count, 1)
+        g_vals = g_w = g_b = g_x = None
+        if ctx.needs_input_grad[0]:
+            g_vals = (gv * (-c * grad_out)).to(vals_dtype)
+        if ctx.needs_input_grad[2]:
+            g_w = gw.mul_(grad_out).to(w_dtype)
+        if ctx.needs_input_grad[3]:
+            g_b = (gr.sum(0) * (-c * grad_out)).to(b_dtype)
+        if ctx.needs_input_grad[4]:
+            g_x = (gr * (c * grad_out)).to(x_dtype)
+        return g_vals, None, g_w, g_b, g_x, None, None, None
+
+
+class TopKDecode(torch.autograd.Function):
+    """x̂ = b_dec + Σ_k vals_k W_dec[idx_k] without a (B, K, D) intermediate."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, w_dec, b_dec, deterministic):
+        vals, idx, w_dec, b_dec = _contig(vals, idx, w_dec, b_dec)
+        out_dtype = torch.promote_types(w_dec.dtype, b_dec.dtype)
+        out = sparse_decode(vals, idx, w_dec, b_dec, out_dtype)
+        ctx.save_for_backward(vals, idx, w_dec)
+        ctx.deterministic = deterministic
+        ctx.b_dtype = b_dec.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        vals, idx, w_dec = ctx.saved_tensors
+        g = grad_out.contiguous()
+        need_v, _, need_w, need_b, _ = ctx.needs_input_grad
+        gw, dots = sparse_outer_backward(vals, idx, g, w_dec, need_w, need_v, ctx.deterministic)
+        g_vals = dots.to(vals.dtype) if need_v else None
+        g_w = gw.to(w_dec.dtype) if need_w else None
+        g_b = g.sum(0).to(ctx.b_dtype) if need_b else None
+        return g_vals, None, g_w, g_b, None
+
+
+class TopKEncode(torch.autograd.Function):
+    """relu(top-k(x W_encᵀ + b_enc)); backward from the sparse (B, K) gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, k, deterministic):
+        pre = x @ w_enc.to(x.dtype).T + b_enc.to(x.dtype)
+        vals, idx = pre.topk(k, dim=-1, sorted=True)
+        del pre
+        vals = vals.relu()
+        ctx.save_for_backward(x, w_enc, idx, vals)
+        ctx.deterministic = deterministic
+        ctx.b_dtype = b_enc.dtype
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, grad_vals, _grad_idx):
+        x, w_enc, idx, vals = ctx.saved_tensors
+        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
+        g = (grad_vals.float() * (vals > 0)).contiguous()
+        x = x.contiguous()
+        g_x = g_w = g_b = None
+        if need_x:
+            g_x = sparse_decode(g, idx, w_enc.contiguous(), None, x.dtype)
+        if need_w:
+            gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic)
+            g_w = gw.to(w_enc.dtype)
+        if need_b:
+            f = w_enc.shape[0]
+            if ctx.deterministic:
+                g_b = _segment_sum(g, latent_segments(idx), f).to(ctx.b_dtype)
+            else:
+                g_b = torch.zeros(f, dtype=torch.float32, device=g.device)
+                g_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+                g_b = g_b.to(ctx.b_dtype)
+        return g_x, g_w, g_b, None, None

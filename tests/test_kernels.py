@@ -1,0 +1,184 @@
+"""Triton kernels (run by the interpreter on CPU) against the float64 PyTorch reference.
+
+Every case draws fresh random inputs, uses odd D, K not a power of two and a batch that is not a
+multiple of anything, and poisons kernel outputs with NaN (SAE_KERNELS_POISON) so an element a
+kernel forgot to write fails instead of passing as a stale zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae import kernels
+from sae.kernels import reference
+from sae.kernels.triton_ops import POISON_ENV
+
+TOL = 1e-5
+
+# (B, D, F, K): several D-chunks with a ragged last one; K up to 200 (tile 256 x 32).
+SHAPES = [(7, 150, 64, 13), (5, 37, 300, 40), (3, 70, 400, 200)]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "1")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.detach().double()
+    ref = ref.detach().double()
+    assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
+    return float((a - ref).norm() / ref.norm())
+
+
+def sparse_inputs(b: int, d: int, f: int, k: int, gen: torch.Generator):
+    vals = torch.rand(b, k, generator=gen).sort(dim=1, descending=True).values + 0.05
+    idx = torch.stack([torch.randperm(f, generator=gen)[:k] for _ in range(b)])
+    w = torch.randn(f, d, generator=gen) / d**0.5
+    bias = torch.randn(d, generator=gen) * 0.1
+    x = torch.randn(b, d, generator=gen)
+    return vals, idx, w, bias, x
+
+
+def leaves(*ts: torch.Tensor, dtype=None) -> list[torch.Tensor]:
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in ts]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    g = torch.Generator()
+    g.seed()  # fresh inputs on every run
+    return g
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("every_kind", ["1", "8", "K"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hierarchical_loss_matches_float64_reference(shape, every_kind, deterministic, gen):
+    b, d, f, k = shape
+    every = {"1": 1, "8": 8, "K": k}[every_kind]
+    vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
+    ours = leaves(vals, w, bias, x)
+    loss = kernels.hierarchical_loss(
+        ours[0],
+        idx,
+        ours[1],
+        ours[2],
+        ours[3],
+        every,
+        backend="triton",
+        deterministic=deterministic,
+    )
+    (loss * 1.7).backward()  # a non-unit incoming gradient
+    ref = leaves(vals, w, bias, x, dtype=torch.float64)
+    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], every)
+    (ref_loss * 1.7).backward()
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, ref_loss) < TOL
+    for name, a, r in zip(("vals", "W_dec", "b_dec", "x"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
+def test_hierarchical_loss_bf16_activations_and_partial_grads(gen):
+    b, d, f, k = 9, 75, 128, 24
+    vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
+    vals, x = vals.bfloat16(), x.bfloat16()
+    v_, w_ = leaves(vals, w)
+    loss = kernels.hierarchical_loss(v_, idx, w_, bias, x, 8, backend="triton")
+    loss.backward()
+    ref = leaves(vals, w, dtype=torch.float64)
+    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], bias.double(), x.double(), 8)
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss) < TOL
+    assert v_.grad.dtype == torch.bfloat16
+    assert rel_err(v_.grad, ref[0].grad) < 1e-2  # rounded to bf16 on output
+    assert rel_err(w_.grad, ref[1].grad) < TOL
+
+
+def test_hierarchical_loss_without_grad_matches_reference(gen):
+    vals, idx, w, bias, x = sparse_inputs(6, 41, 90, 11, gen)
+    with torch.no_grad():
+        loss = kernels.hierarchical_loss(vals, idx, w, bias, x, 4, backend="triton")
+    ref = reference.hierarchical_loss(vals.double(), idx, w.double(), bias.double(), x.double(), 4)
+    assert rel_err(loss, ref) < TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_topk_decode_matches_float64_reference(shape, deterministic, gen):
+    b, d, f, k = shape
+    vals, idx, w, bias, _ = sparse_inputs(b, d, f, k, gen)
+    grad_out = torch.randn(b, d, generator=gen)
+    ours = leaves(vals, w, bias)
+    out = kernels.topk_decode(
+        ours[0], idx, ours[1], ours[2], backend="triton", deterministic=deterministic
+    )
+    out.backward(grad_out)
+    ref = leaves(vals, w, bias, dtype=torch.float64)
+    ref_out = reference.topk_decode(ref[0], idx, ref[1], ref[2])
+    ref_out.backward(grad_out.double())
+    assert rel_err(out, ref_out) < TOL
+    for name, a, r in zip(("vals", "W_dec", "b_dec"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_topk_encode_sparse_backward_matches_float64_reference(shape, deterministic, gen):
+    b, d, f, k = shape
+    x = torch.randn(b, d, generator=gen)
+    w_enc = torch.randn(f, d, generator=gen) / d**0.5
+    b_enc = torch.randn(f, generator=gen) * 0.1
+    weights = torch.randn(b, k, generator=gen)
+    ours = leaves(x, w_enc, b_enc)
+    vals, idx = kernels.topk_encode(*ours, k, backend="triton", deterministic=deterministic)
+    (vals * weights).sum().backward()
+    ref = leaves(x, w_enc, b_enc, dtype=torch.float64)
+    ref_vals, ref_idx = reference.topk_encode(*ref, k)
+    (ref_vals * weights.double()).sum().backward()
+    assert torch.equal(idx, ref_idx)
+    assert rel_err(vals, ref_vals) < TOL
+    for name, a, r in zip(("x", "W_enc", "b_enc"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
+def test_deterministic_mode_repeats_bitwise(gen):
+    b, d, f, k = 11, 53, 20, 12  # few latents: many collisions in the scatter-adds
+    vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
+    w_enc = torch.randn(f, d, generator=gen)
+
+    def run() -> list[torch.Tensor]:
+        ps = leaves(vals, w, bias, x, w_enc, bias.new_zeros(f))
+        enc_vals, enc_idx = kernels.topk_encode(
+            ps[3], ps[4], ps[5], k, backend="triton", deterministic=True
+        )
+        loss = kernels.hierarchical_loss(
+            ps[0], idx, ps[1], ps[2], ps[3], 1, backend="triton", deterministic=True
+        )
+        recon = kernels.topk_decode(
+            enc_vals, enc_idx, ps[1], ps[2], backend="triton", deterministic=True
+        )
+        (loss + recon.square().mean()).backward()
+        return [loss.detach(), recon.detach()] + [p.grad for p in ps]
+
+    first, second = run(), run()
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_dispatcher_uses_reference_on_cpu_and_validates(gen, monkeypatch):
+    vals, idx, w, bias, x = sparse_inputs(4, 10, 30, 5, gen)
+    monkeypatch.delenv("SAE_KERNELS", raising=False)
+    auto = kernels.hierarchical_loss(vals, idx, w, bias, x, 2)
+    assert torch.equal(auto, reference.hierarchical_loss(vals, idx, w, bias, x, 2))
+    monkeypatch.setenv("SAE_KERNELS", "triton")
+    forced = kernels.topk_decode(vals, idx, w, bias)
+    assert (
+        rel_err(forced, reference.topk_decode(vals.double(), idx, w.double(), bias.double())) < TOL
+    )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.topk_decode(vals, idx, w, bias, backend="cuda")
+    with pytest.raises(ValueError, match="every >= 1"):
+        kernels.hierarchical_loss(vals, idx, w, bias, x, 0)
+    assert kernels.loss_indices(20, 8) == [1, 8, 16]
