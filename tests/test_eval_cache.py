@@ -45,8 +45,9 @@ def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
     from sae.store import open_cache
 
     sae, run = planted_run(tmp_path)
-    code = run_cli(["eval", run, "--cache", cache_url, "--k", "1,2,4,64", "--device", "cpu",
-                    "--batch", "100"])  # fmt: skip
+    code = run_cli(
+        ["eval", run, "--cache", cache_url, "--k", "1,2,4,64", "--device", "cpu", "--batch", "100"]
+    )
     assert code == 0
     doc = json.loads((tmp_path / "run" / "eval.json").read_text())
     cache = open_cache(cache_url)

@@ -66,3 +66,33 @@ def test_plot_refuses_run_without_eval(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "has no eval.json" in err and "sae eval" in err
     assert not (tmp_path / "f.png").exists()
+
+
+def test_downstream_merges_into_eval_json_and_plots(tmp_path) -> None:
+    from sae import load
+    from sae.eval.pipeline import merge_previous
+
+    run = evaluated_run(tmp_path, "hier-K8", "hierarchical", 8, 1)
+    before = read_eval(run)
+    downstream = [
+        {
+            "mode": "topk",
+            "k": k,
+            "l0": float(k),
+            "ce_clean": 2.0,
+            "ce_spliced": 2.0 + 1 / k,
+            "ce_increase": 1 / k,
+            "kl": 0.5 / k,
+            "predictions": 100,
+        }
+        for k in (1, 2, 4, 8)
+    ]
+    doc = eval_document(run, load(run), None, None) | {"downstream": downstream}
+    merged = merge_previous(doc, f"{run}/eval.json")
+    assert merged["results"] == before["results"] and merged["downstream"] == downstream
+    write_json(merged, f"{run}/eval.json")
+    out = tmp_path / "down.png"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", run, "--out", str(out)])
+    assert exit_info.value.code in (0, None)
+    assert png_size(out) == (1500, 900)

@@ -49,8 +49,9 @@ class RecordingSAE(SparseAutoencoder):
 
 def exact_sae(layer: int, scale: float = 1.0) -> RecordingSAE:
     """±e_i dictionary: top-64 of 128 latents reconstructs any x exactly (|x_i| on ±e_i)."""
-    sae = RecordingSAE(SAEConfig(d_model=D, n_latents=2 * D, k=D, arch="topk", layer=layer,
-                                 input_scale=scale))  # fmt: skip
+    sae = RecordingSAE(
+        SAEConfig(d_model=D, n_latents=2 * D, k=D, arch="topk", layer=layer, input_scale=scale)
+    )
     sae.seen = []
     eye = torch.eye(D)
     with torch.no_grad():
@@ -67,8 +68,14 @@ def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (3, 16), generator=gen)
     ids[:, 0] = 2  # BOS
-    rows = splice_eval(lm, wrapped.block, sae, [ids[:2], ids[2:]],
-                       [Setting("topk", D), Setting("topk", 1)], bos_id=2)  # fmt: skip
+    rows = splice_eval(
+        lm,
+        wrapped.block,
+        sae,
+        [ids[:2], ids[2:]],
+        [Setting("topk", D), Setting("topk", 1)],
+        bos_id=2,
+    )
     exact, lossy = rows
     assert exact["ce_increase"] == 0.0 and exact["kl"] == 0.0
     assert exact["predictions"] == 3 * 15 and exact["ce_clean"] > 0
@@ -101,8 +108,22 @@ def test_eval_command_downstream(tmp_path) -> None:
     run = tmp_path / "run"
     sae.save(run)
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(run), "--model", str(model_dir), "--text", str(text), "--k", f"1,{D}",
-              "--text-tokens", "512", "--device", "cpu"])  # fmt: skip
+        main(
+            [
+                "eval",
+                str(run),
+                "--model",
+                str(model_dir),
+                "--text",
+                str(text),
+                "--k",
+                f"1,{D}",
+                "--text-tokens",
+                "512",
+                "--device",
+                "cpu",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     doc = json.loads((run / "eval.json").read_text())
     rows = {row["k"]: row for row in doc["downstream"]}

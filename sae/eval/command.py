@@ -47,7 +47,9 @@ def eval_command(
         None, "--context", help="Downstream window length (default: the SAE's)."
     ),
     text_tokens: str = typer.Option("64K", "--text-tokens", help="Downstream tokens to score."),
-    text_batch: int = typer.Option(8, "--text-batch", help="Downstream windows per forward."),
+    text_batch: int = typer.Option(
+        2, "--text-batch", help="Downstream windows per forward (logits are batch×context×vocab)."
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="Downstream model dtype: auto, bf16, fp32."),
 ) -> None:
     """Held-out FVU/EV/MSE/ℓ0/dead latents at each inference k, and downstream CE/KL."""
@@ -55,7 +57,13 @@ def eval_command(
 
     from sae.errors import SaeError
     from sae.eval.evaluate import plan_settings
-    from sae.eval.pipeline import EVAL_FILE, eval_document, print_report, write_json
+    from sae.eval.pipeline import (
+        EVAL_FILE,
+        eval_document,
+        merge_previous,
+        print_report,
+        write_json,
+    )
     from sae.train.model import load_sae
     from sae.units import parse_count
 
@@ -84,9 +92,11 @@ def eval_command(
         )
     doc = eval_document(run, sae, cache, result)
     if model is not None:
-        doc |= _downstream(sae, plan, model, text, gguf_file, context, text_tokens, text_batch,
-                           device, dtype)  # fmt: skip
+        doc |= _downstream(
+            sae, plan, model, text, gguf_file, context, text_tokens, text_batch, device, dtype
+        )
     path = Path(out) if out else Path(run) / EVAL_FILE
+    doc = merge_previous(doc, path)
     write_json(doc, path)
     print_report(doc)
     typer.echo(f"wrote {path}")
@@ -114,8 +124,14 @@ def _downstream(sae, plan, model, text, gguf_file, context, text_tokens, text_ba
     windows = text_windows(
         text, lm.tokenizer, window, parse_count(text_tokens), text_batch, lm.device
     )
-    rows = splice_eval(lm.model, lm.block, sae, windows, plan.settings,
-                       bos_id=getattr(lm.tokenizer, "bos_token_id", None))  # fmt: skip
+    rows = splice_eval(
+        lm.model,
+        lm.block,
+        sae,
+        windows,
+        plan.settings,
+        bos_id=getattr(lm.tokenizer, "bos_token_id", None),
+    )
     if not rows or rows[0]["predictions"] == 0:
         raise SaeError(f"--text {text} gave no full window of {window} tokens; give more text")
     return {"downstream": rows, "downstream_model": model, "downstream_text": text}

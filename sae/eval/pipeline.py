@@ -140,6 +140,44 @@ def eval_document(run: str, sae, cache_url: str | None, result: EvalResult | Non
     return doc
 
 
+CACHE_KEYS = (
+    "cache",
+    "tokens",
+    "results",
+    "skipped",
+    "top1_ev",
+    "top2_ev",
+    "rank_cosine",
+    "histogram_setting",
+    "histograms",
+    "notes",
+)
+DOWNSTREAM_KEYS = ("downstream", "downstream_model", "downstream_text")
+
+
+def merge_previous(doc: dict, path: str | Path) -> dict:
+    """Keep the parts of an earlier eval.json of the same SAE that this call did not redo.
+
+    So `sae eval RUN --cache C` and `sae eval RUN --model M --text T` can run separately and
+    both end up in RUN/eval.json.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return doc
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return doc
+    if not isinstance(old, dict) or old.get("sae") != doc["sae"]:
+        return doc
+    merged = dict(doc)
+    if not doc.get("results") and old.get("results"):
+        merged |= {key: old[key] for key in CACHE_KEYS if key in old}
+    if "downstream" not in doc and old.get("downstream"):
+        merged |= {key: old[key] for key in DOWNSTREAM_KEYS if key in old}
+    return merged
+
+
 def write_json(doc: dict, path: str | Path) -> Path:
     """Write atomically (a reader never sees half a file)."""
     path = Path(path)

@@ -40,17 +40,38 @@ def _pareto(ax, evals: list[dict], colors) -> None:
     for ev, color in zip(evals, colors, strict=False):
         rows = _topk_rows(ev)
         if rows:
-            ax.plot([r["l0"] for r in rows], [r["fvu"] for r in rows], "o-", color=color, ms=4,
-                    label=run_label(ev) + " top-k")  # fmt: skip
+            ax.plot(
+                [r["l0"] for r in rows],
+                [r["fvu"] for r in rows],
+                "o-",
+                color=color,
+                ms=4,
+                label=run_label(ev) + " top-k",
+            )
         thr = _threshold_row(ev)
         if thr is not None:
-            ax.plot([thr["l0"]], [thr["fvu"]], "*", color=color, ms=13, mec="black", mew=0.6,
-                    label=run_label(ev) + " threshold")  # fmt: skip
+            ax.plot(
+                [thr["l0"]],
+                [thr["fvu"]],
+                "*",
+                color=color,
+                ms=13,
+                mec="black",
+                mew=0.6,
+                label=run_label(ev) + " threshold",
+            )
         if ev["sae"]["arch"] in BASELINES:
             trained = [r for r in rows if r["k"] == ev["sae"]["k"]]
             for r in trained:
-                ax.plot([r["l0"]], [r["fvu"]], "o", color="red", ms=9, zorder=5,
-                        label=None if marked else "trained ℓ0 (baselines)")  # fmt: skip
+                ax.plot(
+                    [r["l0"]],
+                    [r["fvu"]],
+                    "o",
+                    color="red",
+                    ms=9,
+                    zorder=5,
+                    label=None if marked else "trained ℓ0 (baselines)",
+                )
                 marked = True
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ℓ0 (mean active latents per token)")
@@ -90,8 +111,13 @@ def _histogram(ax, evals: list[dict], colors, key: str, title: str, xlabel: str)
         if not hist:
             continue
         edges, counts = hist["edges"], hist["counts"]
-        ax.stairs(counts, edges, color=color, lw=1.5,
-                  label=f"{run_label(ev)} [{ev.get('histogram_setting')}]")  # fmt: skip
+        ax.stairs(
+            counts,
+            edges,
+            color=color,
+            lw=1.5,
+            label=f"{run_label(ev)} [{ev.get('histogram_setting')}]",
+        )
         filled = [i for i, c in enumerate(counts) if c]
         if filled:
             used += [edges[max(filled[0] - 1, 0)], edges[min(filled[-1] + 2, len(edges) - 1)]]
@@ -107,8 +133,14 @@ def _downstream_or_top(ax, evals: list[dict], colors) -> None:
         for ev, color in zip(evals, colors, strict=False):
             rows = ev.get("downstream") or []
             if rows:
-                ax.plot([r["l0"] for r in rows], [r["ce_increase"] for r in rows], "o-",
-                        color=color, ms=4, label=run_label(ev))  # fmt: skip
+                ax.plot(
+                    [r["l0"] for r in rows],
+                    [r["ce_increase"] for r in rows],
+                    "o-",
+                    color=color,
+                    ms=4,
+                    label=run_label(ev),
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ℓ0")
         ax.set_ylabel("CE increase (nats/token)")
@@ -118,8 +150,13 @@ def _downstream_or_top(ax, evals: list[dict], colors) -> None:
     for i, (ev, color) in enumerate(zip(evals, colors, strict=False)):
         values = [ev.get("top1_ev"), ev.get("top2_ev")]
         xs = [j + i * width for j in range(2)]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, color=color,
-               label=run_label(ev))  # fmt: skip
+        ax.bar(
+            xs,
+            [v if v is not None else 0.0 for v in values],
+            width,
+            color=color,
+            label=run_label(ev),
+        )
     ax.set_xticks([0.4 - width / 2, 1.4 - width / 2], ["top-1", "top-2"])
     ax.set_ylabel("explained variance")
     ax.set_title("(f) EV of the top-1 / top-2 latents")
@@ -139,11 +176,22 @@ def plot_runs(evals: list[dict], out: str | Path) -> Path:
         _pareto(a, evals, colors)
         _dead(b, evals, colors)
         _cosine(c, evals, colors)
-        _histogram(d, evals, colors, "log10_frequency", "(d) latent firing frequency",
-                   "log10 firing frequency")  # fmt: skip
-        _histogram(e, evals, colors, "log10_mean_sq_activation",
-                   "(e) latent mean squared activation (when on)",
-                   "log10 mean squared activation")  # fmt: skip
+        _histogram(
+            d,
+            evals,
+            colors,
+            "log10_frequency",
+            "(d) latent firing frequency",
+            "log10 firing frequency",
+        )
+        _histogram(
+            e,
+            evals,
+            colors,
+            "log10_mean_sq_activation",
+            "(e) latent mean squared activation (when on)",
+            "log10 mean squared activation",
+        )
         _downstream_or_top(f, evals, colors)
         for ax in axes.flat:
             ax.grid(True, alpha=0.3)
