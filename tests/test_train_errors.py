@@ -93,3 +93,17 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     source.train[64 * 14 + 3, 0] = 0.0
     summary = train(_config(tmp_path / "run", resume=True), source)
     assert summary["steps"] == 20
+
+
+def test_foreign_cache(tmp_path):
+    import zarr
+
+    foreign = tmp_path / "foreign"
+    zarr.open_group(str(foreign), mode="w").attrs["format"] = "someone-elses"
+    with pytest.raises(SaeError, match="is not an sae activation cache"):
+        train(_config(tmp_path / "run", cache=str(foreign)))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a cache")
+    with pytest.raises(SaeError, match="is not an sae activation cache"):
+        train(_config(tmp_path / "run", cache=str(plain)))
