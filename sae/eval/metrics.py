@@ -118,7 +118,7 @@ class ReconAccumulator:
         self.active = self.active + on.sum()
         flat_idx = idx.detach().reshape(-1).to(self.fire_counts.device)
         self.fire_counts.index_add_(0, flat_idx, on.reshape(-1).to(torch.int64))
-        self.sq_act.index_add_(0, flat_idx, (vals.detach().double().pow(2) * on).reshape(-1))
+        self.sq_act.index_add_(0, flat_idx, (vals.detach().pow(2) * on).reshape(-1).double())
 
     def update_dense(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor) -> None:
         """x, x̂: (B, D); latents: (B, F) activations (> 0 means active)."""
@@ -126,7 +126,7 @@ class ReconAccumulator:
         on = latents.detach() > 0
         self.active = self.active + on.sum()
         self.fire_counts += on.sum(0, dtype=torch.int64)
-        self.sq_act += (latents.detach().double().pow(2) * on).sum(0)
+        self.sq_act += (latents.detach().pow(2) * on).sum(0, dtype=torch.float64)
 
     def result(self) -> ReconMetrics:
         n = self.variance.n
