@@ -1,0 +1,374 @@
+"""Fused SAE kernels on one GPU: correctness against float64, then timings side by side.
+
+Parts (all in one process, so ratios compare like with like):
+  check:  Triton path vs a float64 PyTorch reference on the GPU (fp32 inputs: rel err < 1e-4;
+          bf16 activations: < 1e-2), deterministic mode repeats bitwise.
+  op:     the decoder-side hierarchical loss op (given vals, idx, W_dec, b_dec, x: forward +
+          backward, fp32) for ours / the paper's Listing 1 in eager PyTorch / Listing 1 under
+          torch.compile; and our TopK op (sparse decode + squared error, forward + backward).
+  step:   the full training step (encoder forward in bf16 autocast, top-k, hierarchical loss,
+          every backward incl. W_enc's, fused Adam) for ours / naive / torch.compile, and ours
+          with one stage left out at a time (where the time goes).
+Shapes: F = 65,536 latents, D = 2304, K in {32, 64, 128}, batch in {4096, 8192}; random inputs.
+
+Usage (GPU):  PYTHONPATH=$PWD python bench/bench_kernels.py --out $OUT [--parts check,op,step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sae import kernels
+from sae.kernels import reference
+
+F, D = 65536, 2304
+KS = (32, 64, 128)
+BATCHES = (4096, 8192)
+GIB = 2**30
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - ref).norm() / ref.norm())
+
+
+def random_sparse(b: int, k: int, f: int, dev, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct random latents per row (as top-k gives) and positive values sorted descending."""
+    idx = torch.rand(b, f, device=dev, generator=gen).topk(k, dim=1).indices
+    vals = (torch.rand(b, k, device=dev, generator=gen) + 0.05).sort(1, descending=True).values
+    return vals, idx
+
+
+def leaves(*ts, dtype=None):
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in ts]
+
+
+# ----------------------------------------------------------------------------- correctness
+def check(gen, log) -> list[dict]:
+    dev = "cuda"
+    rows = []
+
+    def record(name, errs, tol, info=None):
+        ok = all(e == e and e < tol for e in errs.values())
+        rows.append({"check": name, "tol": tol, "ok": ok, **errs, **(info or {})})
+        log(f"check {name}: {'ok' if ok else 'FAIL'} {json.dumps({**errs, **(info or {})})}")
+
+    for b, d, f, k, every in [
+        (333, 2304, F, 128, 1),
+        (333, 2304, F, 128, 8),
+        (129, 771, 4096, 200, 200),
+    ]:
+        vals, idx = random_sparse(b, k, f, dev, gen)
+        w = torch.randn(f, d, device=dev, generator=gen) / d**0.5
+        bias = torch.randn(d, device=dev, generator=gen) * 0.1
+        x = torch.randn(b, d, device=dev, generator=gen)
+        ref = leaves(vals, w, bias, x, dtype=torch.float64)
+        ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], every)
+        ref_loss.backward()
+        for act, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+            for det in (False, True):
+                ps = leaves(vals.to(act), w, bias, x.to(act))
+                loss = kernels.hierarchical_loss(
+                    ps[0], idx, ps[1], ps[2], ps[3], every, backend="triton", deterministic=det
+                )
+                loss.backward()
+                errs = {"loss": rel_err(loss, ref_loss)}
+                for n, p, r in zip(("vals", "W_dec", "b_dec", "x"), ps, ref, strict=True):
+                    errs[n] = rel_err(p.grad, r.grad)
+                name = f"hier B={b} D={d} K={k} every={every} {str(act)[6:]} det={det}"
+                record(name, errs, tol)
+        # topk decode
+        g_out = torch.randn(b, d, device=dev, generator=gen)
+        ref = leaves(vals, w, bias, dtype=torch.float64)
+        reference.topk_decode(ref[0], idx, ref[1], ref[2]).backward(g_out.double())
+        for det in (False, True):
+            ps = leaves(vals, w, bias)
+            out = kernels.topk_decode(ps[0], idx, ps[1], ps[2], backend="triton", deterministic=det)
+            out.backward(g_out)
+            ref_out = reference.topk_decode(vals.double(), idx, w.double(), bias.double())
+            errs = {"out": rel_err(out, ref_out)}
+            for n, p, r in zip(("vals", "W_dec", "b_dec"), ps, ref, strict=True):
+                errs[n] = rel_err(p.grad, r.grad)
+            record(f"decode B={b} D={d} K={k} det={det}", errs, 1e-4)
+        # encoder sparse backward (reference evaluated at our indices)
+        w_enc = torch.randn(f, d, device=dev, generator=gen) / d**0.5
+        b_enc = torch.randn(f, device=dev, generator=gen) * 0.1
+        weights = torch.randn(b, k, device=dev, generator=gen)
+        for act, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+            for det in (False, True):
+                ps = leaves(x.to(act), w_enc, b_enc)
+                ev, ei = kernels.topk_encode(*ps, k, backend="triton", deterministic=det)
+                (ev * weights).sum().backward()
+                rs = leaves(x.to(act), w_enc, b_enc, dtype=torch.float64)
+                rv = (rs[0] @ rs[1].T + rs[2]).gather(1, ei).relu()
+                (rv * weights.double()).sum().backward()
+                ref_idx = (x.double() @ w_enc.double().T + b_enc.double()).topk(k, dim=1).indices
+                same = (ei.sort(1).values == ref_idx.sort(1).values).float().mean().item()
+                errs = {"vals": rel_err(ev, rv)}
+                for n, p, r in zip(("x", "W_enc", "b_enc"), ps, rs, strict=True):
+                    errs[n] = rel_err(p.grad, r.grad)
+                # informational: bf16 rounding reorders near-ties of the top-k
+                name = f"encode B={b} D={d} K={k} {str(act)[6:]} det={det}"
+                record(name, errs, tol, {"idx_match": same})
+        del w, w_enc
+    # determinism: bitwise repeat at full size
+    vals, idx = random_sparse(2048, 128, F, dev, gen)
+    w = torch.randn(F, D, device=dev, generator=gen) / D**0.5
+    bias, x = torch.zeros(D, device=dev), torch.randn(2048, D, device=dev, generator=gen)
+
+    def run():
+        ps = leaves(vals, w, bias, x)
+        kernels.hierarchical_loss(*ps[:1], idx, *ps[1:], 1, deterministic=True).backward()
+        return [p.grad for p in ps]
+
+    same = all(torch.equal(a, c) for a, c in zip(run(), run(), strict=True))
+    rows.append({"check": "deterministic bitwise repeat B=2048 K=128", "ok": same})
+    log(f"check deterministic repeat: {'ok' if same else 'FAIL'}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- timing
+def bench(fn, warmup=50, rep=300) -> tuple[float, float]:
+    """(median ms, peak GiB over the timed calls)."""
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    return ms, torch.cuda.max_memory_allocated() / GIB
+
+
+def guarded(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan"), float("nan")
+
+
+def listing1(vals, idx, w_dec, b_dec, x):
+    return reference.listing1_loss(vals, idx, w_dec, b_dec, x)
+
+
+_compiled_listing1 = None
+
+
+def compiled_listing1(*args):
+    global _compiled_listing1
+    if _compiled_listing1 is None:
+        _compiled_listing1 = torch.compile(listing1, dynamic=False)
+    return _compiled_listing1(*args)
+
+
+def time_op(b, k, gen, log, skip) -> list[dict]:
+    dev = "cuda"
+    vals0, idx = random_sparse(b, k, F, dev, gen)
+    w = (torch.randn(F, D, device=dev, generator=gen) / D**0.5).requires_grad_()
+    bias = (torch.randn(D, device=dev, generator=gen) * 0.1).requires_grad_()
+    x = torch.randn(b, D, device=dev, generator=gen)
+    vals = vals0.clone().requires_grad_()
+    params = (vals, w, bias)
+
+    def step(loss_fn):
+        def run():
+            for p in params:
+                p.grad = None
+            loss_fn().backward()
+
+        return run
+
+    variants = {
+        "ours hier": lambda: kernels.hierarchical_loss(vals, idx, w, bias, x, 1),
+        "ours hier every=8": lambda: kernels.hierarchical_loss(vals, idx, w, bias, x, 8),
+        "ours hier det": lambda: kernels.hierarchical_loss(
+            vals, idx, w, bias, x, 1, deterministic=True
+        ),
+        "ours topk op": lambda: (
+            (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean()
+        ),
+        "listing1 eager": lambda: listing1(vals, idx, w, bias, x),
+        "listing1 compile": lambda: compiled_listing1(vals, idx, w, bias, x),
+    }
+    rows = []
+    for name, fn in variants.items():
+        if name in skip:
+            continue
+        ms, gib = guarded(bench, step(fn))
+        rows.append({"part": "op", "variant": name, "batch": b, "k": k, "ms": ms, "peak_gib": gib})
+        log(f"op B={b} K={k} {name}: {ms:.3f} ms {gib:.2f} GiB")
+        for p in params:
+            p.grad = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+class Model:
+    """Parameters + fused Adam of one SAE, the shapes of the benchmark."""
+
+    def __init__(self, gen):
+        dev = "cuda"
+        self.w_enc = (torch.randn(F, D, device=dev, generator=gen) / D**0.5).requires_grad_()
+        self.b_enc = torch.zeros(F, device=dev).requires_grad_()
+        self.w_dec = self.w_enc.detach().clone().requires_grad_()
+        self.b_dec = (torch.randn(D, device=dev, generator=gen) * 0.1).requires_grad_()
+        self.params = [self.w_enc, self.b_enc, self.w_dec, self.b_dec]
+        self.opt = torch.optim.Adam(self.params, lr=1e-5, fused=True)
+
+
+def ours_loss(m: Model, x, k, encode_only=False):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vals, idx = kernels.topk_encode(x - m.b_dec, m.w_enc, m.b_enc, k)
+    if encode_only:
+        return vals.float().sum()
+    return kernels.hierarchical_loss(vals, idx, m.w_dec, m.b_dec, x, 1)
+
+
+def naive_loss(m: Model, x, k):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vals, idx = reference.topk_encode(x - m.b_dec, m.w_enc, m.b_enc, k)
+    return listing1(vals.float(), idx, m.w_dec, m.b_dec, x)
+
+
+_compiled_naive = None
+
+
+def compiled_naive_loss(m, x, k):
+    global _compiled_naive
+    if _compiled_naive is None:
+        _compiled_naive = torch.compile(naive_loss, dynamic=False)
+    return _compiled_naive(m, x, k)
+
+
+def time_step(b, k, gen, log, variants) -> list[dict]:
+    m = Model(gen)
+    xs = [torch.randn(b, D, device="cuda", generator=gen) for _ in range(2)]
+    state = {"i": 0}
+
+    def make(loss_fn, backward=True, adam=True):
+        def run():
+            m.opt.zero_grad(set_to_none=True)
+            x = xs[state["i"] % 2]
+            state["i"] += 1
+            loss = loss_fn(m, x, k)
+            if backward:
+                loss.backward()
+            if adam:
+                m.opt.step()
+            m.opt.zero_grad(set_to_none=True)
+
+        return run
+
+    table = {
+        "ours": make(ours_loss),
+        "ours no adam": make(ours_loss, adam=False),
+        "ours fwd only": make(ours_loss, backward=False, adam=False),
+        "ours encode+topk only (fwd+bwd)": make(
+            lambda m_, x, k_: ours_loss(m_, x, k_, encode_only=True), adam=False
+        ),
+        "naive": make(naive_loss),
+        "compile": make(compiled_naive_loss),
+    }
+    rows = []
+    # Adam needs its state before timing (first step allocates it).
+    make(ours_loss)()
+    for name in variants:
+        ms, gib = guarded(bench, table[name], 25, 200)
+        row = {"part": "step", "variant": name, "batch": b, "k": k, "ms": ms, "peak_gib": gib}
+        row["tokens_per_s"] = b / ms * 1e3 if ms == ms else float("nan")
+        rows.append(row)
+        log(f"step B={b} K={k} {name}: {ms:.3f} ms {gib:.2f} GiB {row['tokens_per_s']:.3g} tok/s")
+        torch.cuda.empty_cache()
+    if b == max(BATCHES) and k == max(KS):
+        rows += time_pieces(m, xs[0], k, log)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def time_pieces(m: Model, x, k, log) -> list[dict]:
+    """Single stages of the step at the largest shape: where the time goes."""
+    w_bf16 = m.w_enc.detach().bfloat16()
+    xb = x.bfloat16()
+    pre = xb @ w_bf16.T
+    for p in m.params:
+        p.grad = torch.randn_like(p) * 1e-3
+    pieces = {
+        "W_enc fp32->bf16 cast": lambda: m.w_enc.detach().bfloat16(),
+        "encoder matmul bf16": lambda: xb @ w_bf16.T,
+        "torch.topk (B, F) bf16": lambda: pre.topk(k, dim=1),
+        "fused Adam step": lambda: m.opt.step(),
+    }
+    rows = []
+    for name, fn in pieces.items():
+        ms, _ = bench(fn, 25, 200)
+        rows.append({"part": "piece", "variant": name, "batch": x.shape[0], "k": k, "ms": ms})
+        log(f"piece {name}: {ms:.3f} ms")
+    m.opt.zero_grad(set_to_none=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parts", default="check,op,step")
+    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument(
+        "--step-variants",
+        default="ours,ours no adam,ours fwd only,ours encode+topk only (fwd+bwd),naive,compile",
+    )
+    ap.add_argument("--op-skip", default="", help="comma-separated op variants to leave out")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = (args.out / "bench_kernels.log").open("a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    import triton
+
+    log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    gen = torch.Generator(device="cuda")
+    gen.seed()
+    parts = args.parts.split(",")
+    ks = [int(v) for v in args.ks.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    results: dict[str, list] = {}
+    if "check" in parts:
+        results["check"] = check(gen, log)
+    if "op" in parts:
+        results["op"] = [
+            r for b in batches for k in ks for r in time_op(b, k, gen, log, args.op_skip.split(","))
+        ]
+    if "step" in parts:
+        variants = args.step_variants.split(",")
+        results["step"] = [
+            r for b in batches for k in ks for r in time_step(b, k, gen, log, variants)
+        ]
+    (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
+    log("summary")
+    for part in ("check",):
+        for r in results.get(part, []):
+            if not r["ok"]:
+                log(f"  FAILED {r['check']}")
+        if part in results:
+            log(f"  checks: {sum(r['ok'] for r in results[part])}/{len(results[part])} ok")
+    for part in ("op", "step"):
+        for r in results.get(part, []):
+            log(
+                f"  {part:5s} B={r['batch']:5d} K={r['k']:3d} {r['variant']:34s} {r['ms']:8.3f} ms"
+                f" {r.get('peak_gib', float('nan')):6.2f} GiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
