@@ -14,9 +14,10 @@ re-run restarts the packer at that window and drops the rows already committed.
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +88,7 @@ def parse_resume_state(
     The state comes from a cache on disk, so it is checked like any untrusted input.
     """
     if state is None:  # a fresh cache (or rows without a state): start over, drop what is there
-        return ranks.rank, StreamPos(), 0
+        return 0, StreamPos(), 0
     keys = ("window", "doc", "offset", "rows_before")
     if not isinstance(state, dict) or not all(
         isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
@@ -234,6 +235,57 @@ def run_harvest(
     )
 
 
+class StoreFeeder:
+    """Hands finished host rows to the store writer.
+
+    On CUDA this runs in its own thread: ``writer.append`` does real CPU work (float16
+    conversion, statistics) and must not stop the main thread from launching the next forward.
+    On CPU it appends inline (the forward pass already uses every core).
+    """
+
+    def __init__(self, writer, on_appended, *, threaded: bool, depth: int = 2) -> None:
+        self.writer = writer
+        self.on_appended = on_appended
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.queue: queue.Queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._run, name="harvest-feeder", daemon=True)
+            self.thread.start()
+
+    def put(self, item: _Pending) -> None:
+        self._raise_if_failed()
+        if self.thread is None:
+            self._append(item)
+        else:
+            self.queue.put(item)
+
+    def finish(self) -> None:
+        """Wait until everything handed over is appended (or failed)."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        self._raise_if_failed()
+
+    def _append(self, item: _Pending) -> None:
+        if item.event is not None:
+            item.event.synchronize()
+        self.writer.append(item.acts, item.token_ids, item.positions, state=item.state)
+        self.on_appended(len(item.token_ids))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._append(item)
+                except BaseException as err:  # re-raised in the main thread
+                    self.error = err
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def _harvest_loop(
     lm: LayerModel,
     writer,
@@ -251,10 +303,17 @@ def _harvest_loop(
     d_model = lm.d_model
     remaining = writer.target - writer.committed
     cuda = lm.device.type == "cuda"
-    host_dtype = lm.dtype if lm.dtype.itemsize == 2 else torch.float32
-    ring = PinnedRing(3, config.batch_size * config.context, d_model, host_dtype) if cuda else None
+    # numpy (the store's side) has no bfloat16: hand over float16 models as is, anything else
+    # as float32 (upcast on the GPU, where it is free; twice the PCIe bytes is far below its rate).
+    host_dtype = torch.float16 if lm.dtype == torch.float16 else torch.float32
+    depth = 2
+    # Buffers in use at once: `depth` queued + 1 being appended + 1 being filled.
+    ring = (
+        PinnedRing(depth + 2, config.batch_size * config.context, d_model, host_dtype)
+        if cuda
+        else None
+    )
     copy_stream = torch.cuda.Stream(lm.device) if cuda else None
-    pending: deque[_Pending] = deque()
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     appended = writer.committed
     bytes_per_row = d_model * 2
@@ -265,23 +324,17 @@ def _harvest_loop(
     task = progress.add_task(
         label, total=writer.target, completed=writer.committed, written=format_bytes(0)
     )
-    if show:
-        progress.start()
 
-    def hand_over(item: _Pending) -> None:
+    def on_appended(rows: int) -> None:
         nonlocal appended
-        if item.event is not None:
-            item.event.synchronize()
-        writer.append(item.acts, item.token_ids, item.positions, state=item.state)
-        progress.update(
-            task,
-            advance=len(item.token_ids),
-            written=format_bytes(writer.committed * bytes_per_row),
-        )
-        appended += len(item.token_ids)
+        appended += rows
+        progress.update(task, advance=rows, written=format_bytes(writer.committed * bytes_per_row))
         if kill_at and (writer.committed >= kill_at or appended >= 2 * kill_at):
             _kill_when_committed(writer, kill_at)
 
+    feeder = StoreFeeder(writer, on_appended, threaded=cuda, depth=depth)
+    if show:
+        progress.start()
     try:
         for batch in batches:
             if remaining <= 0:
@@ -306,8 +359,10 @@ def _harvest_loop(
             if cuda:
                 ids = ids.pin_memory().to(lm.device, non_blocking=True)
             acts = lm(ids).reshape(-1, d_model)[lo:hi]
+            if acts.dtype != host_dtype:
+                acts = acts.to(host_dtype)
             if not cuda:
-                hand_over(_Pending(None, acts, token_ids, positions, state))
+                feeder.put(_Pending(None, acts, token_ids, positions, state))
                 continue
             host = ring.take(hi - lo)
             copy_stream.wait_stream(torch.cuda.current_stream(lm.device))
@@ -316,15 +371,13 @@ def _harvest_loop(
                 event = torch.cuda.Event()
                 event.record(copy_stream)
             acts.record_stream(copy_stream)
-            pending.append(_Pending(event, host, token_ids, positions, state))
-            # Keep one batch in flight on the GPU while the previous one goes to the store.
-            while len(pending) > 1:
-                hand_over(pending.popleft())
-        while pending:
-            hand_over(pending.popleft())
+            feeder.put(_Pending(event, host, token_ids, positions, state))
     finally:
-        if show:
-            progress.stop()
+        try:
+            feeder.finish()
+        finally:
+            if show:
+                progress.stop()
     return remaining > 0
 
 
