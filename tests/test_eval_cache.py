@@ -107,3 +107,11 @@ def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url) -> No
     assert run_cli(["export", run, str(tmp_path / "ours"), "--format", "sae"]) == 0
     x = torch.randn(8, D)
     assert torch.equal(load(str(tmp_path / "ours")).reconstruct(x), load(run).reconstruct(x))
+
+
+def test_eval_refuses_a_cache_of_another_width(tmp_path, cache_url, capsys) -> None:
+    sae = SparseAutoencoder(SAEConfig(d_model=8, n_latents=16, k=2, arch="topk", layer=0))
+    sae.init_weights()
+    sae.save(tmp_path / "narrow")
+    assert run_cli(["eval", str(tmp_path / "narrow"), "--cache", cache_url]) == 2
+    assert "d_model 16 vs 8" in capsys.readouterr().err

@@ -130,3 +130,14 @@ def test_eval_command_downstream(tmp_path) -> None:
     assert rows[D]["ce_increase"] == 0.0 and rows[D]["kl"] == 0.0
     assert rows[D]["predictions"] == 16 * 31
     assert rows[1]["kl"] > 0 and rows[1]["ce_increase"] != 0
+
+
+def test_gguf_file_option(tmp_path) -> None:
+    from sae.errors import SaeError
+    from sae.eval.lm import model_source
+
+    with pytest.raises(SaeError, match=r"--gguf-file m\.gguf: no such file"):
+        model_source(str(tmp_path), "m.gguf")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert model_source(str(tmp_path), "m.gguf") == str(tmp_path / "m.gguf")
+    assert model_source("google/gemma-2-2b", None) == "google/gemma-2-2b"
