@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -90,26 +91,37 @@ def _int(value: object) -> int:
     return value
 
 
-def sanitize_block(acts: np.ndarray, out: np.ndarray, stats: RunningStats) -> None:
+def sanitize_block(acts: Any, out: np.ndarray, stats: RunningStats) -> None:
     """Write `acts` (n, d) as float16 into `out`, updating `stats`; inf/nan never reach the cache.
 
     max_abs is over the finite input (so a huge outlier is visible even though it was clamped);
-    the sums are over what is stored.
+    the sums are over the clamped values. Casting and min/max run in torch (vectorised, several
+    threads), the float64 sums in numpy, so the harvest thread spends little time here.
     """
-    x = np.asarray(acts, dtype=np.float32)
-    finite = np.isfinite(x)
-    n_bad = int(x.size - np.count_nonzero(finite))
-    if n_bad:
-        x = np.where(finite, x, np.float32(0))
-    absx = np.abs(x)
-    max_abs = float(absx.max()) if x.size else 0.0
-    n_over = int(np.count_nonzero(absx > FP16_MAX)) if max_abs > FP16_MAX else 0
-    if n_over:
-        x = np.clip(x, -FP16_MAX, FP16_MAX)
-    out[...] = x
-    stats.count += x.shape[0]
-    stats.sum += x.sum(axis=0, dtype=np.float64)
-    stats.sum_sq_norm += float(np.einsum("ij,ij->", x, x, dtype=np.float64))
-    stats.max_abs = max(stats.max_abs, max_abs if math.isfinite(max_abs) else 0.0)
+    import torch
+
+    x = torch.as_tensor(acts)
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.numel() == 0:
+        return
+    mn, mx = (float(v) for v in torch.aminmax(x))
+    n_bad = 0
+    if not (math.isfinite(mn) and math.isfinite(mx)):
+        finite = torch.isfinite(x)
+        n_bad = int(x.numel() - int(finite.sum()))
+        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+        mn, mx = (float(v) for v in torch.aminmax(x))
+    max_abs = max(-mn, mx)
+    n_over = 0
+    if max_abs > FP16_MAX:
+        n_over = int((x.abs() > FP16_MAX).sum())
+        x = x.clamp(-FP16_MAX, FP16_MAX)
+    torch.from_numpy(out).copy_(x)
+    xn = x.numpy()
+    stats.count += xn.shape[0]
+    stats.sum += xn.sum(axis=0, dtype=np.float64)
+    stats.sum_sq_norm += float(np.einsum("ij,ij->i", xn, xn).sum(dtype=np.float64))
+    stats.max_abs = max(stats.max_abs, max_abs)
     stats.nonfinite += n_bad
     stats.overflow += n_over

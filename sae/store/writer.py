@@ -26,6 +26,7 @@ from sae.store.metadata import (
     record_key,
     root_attrs,
 )
+from sae.store.rows import mmap_supported, write_shard_file
 from sae.store.stats import RunningStats, sanitize_block
 
 COMPRESSIONS = (None, "zstd", "blosc")
@@ -208,6 +209,8 @@ class CacheWriter:
         self._acts = group[ACTIVATIONS]
         self._tokens = group[TOKEN_IDS]
         self._positions = group[POSITIONS]
+        meta = self.loc.read_json(f"{ACTIVATIONS}/zarr.json") or {}
+        self._fast_shards = mmap_supported(self.loc.local, meta, self.layout)
         self.row_start, self.row_stop = self.layout.rank_range(self.rank)
         record = read_record(self.loc, self.layout, self.rank)
         self._record = record
@@ -273,7 +276,7 @@ class CacheWriter:
         self._raise_if_failed()
         if self._closed:
             raise SaeError("append() on a closed CacheWriter")
-        x = _as_numpy(acts)
+        x = _as_tensor(acts)
         tok = np.asarray(_as_numpy(token_ids))
         pos = np.asarray(_as_numpy(positions))
         n = x.shape[0] if x.ndim == 2 else -1
@@ -356,7 +359,12 @@ class CacheWriter:
     def _write(self, b: _Block) -> None:
         g0 = self.row_start + b.start
         g1 = g0 + b.fill
-        self._acts[g0:g1] = b.acts[: b.fill]
+        if self._fast_shards:
+            write_shard_file(
+                self.loc.local, self.layout, g0 // self.layout.shard_rows, b.acts[: b.fill]
+            )
+        else:
+            self._acts[g0:g1] = b.acts[: b.fill]
         self._tokens[g0:g1] = b.tokens[: b.fill]
         self._positions[g0:g1] = b.positions[: b.fill]
         self._commit(b.start + b.fill, b.stats)
@@ -395,18 +403,16 @@ class CacheWriter:
 
 
 def _as_numpy(x: Any) -> np.ndarray:
-    """torch tensors (any float dtype, pinned or not) and arrays alike, without a GPU sync surprise."""
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return np.asarray(x)
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        if x.dtype in (torch.bfloat16,):
-            x = x.float()
-        return x.numpy()
+    """Token ids / positions from tensors or arrays."""
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _as_tensor(x: Any) -> Any:
+    """Activations as a CPU torch tensor (any float dtype, pinned or not), without copying."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return torch.as_tensor(np.asarray(x))
