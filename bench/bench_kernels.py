@@ -313,6 +313,41 @@ def time_pieces(m: Model, x, k, log) -> list[dict]:
     return rows
 
 
+def profile(gen, log, b=8192, k=128) -> None:
+    """Kernel-level breakdown (torch.profiler) of our op and our step at one shape."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    m = Model(gen)
+    x = torch.randn(b, D, device="cuda", generator=gen)
+    vals0, idx = random_sparse(b, k, F, "cuda", gen)
+    vals = vals0.requires_grad_()
+
+    def op():
+        kernels.hierarchical_loss(vals, idx, m.w_dec, m.b_dec, x, 1).backward()
+
+    def topk_op():
+        (kernels.topk_decode(vals, idx, m.w_dec, m.b_dec) - x).square().sum(-1).mean().backward()
+
+    def step():
+        ours_loss(m, x, k).backward()
+        m.opt.step()
+        m.opt.zero_grad(set_to_none=True)
+
+    for name, fn in (("op", op), ("topk op", topk_op), ("step", step)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        table = p.key_averages().table(
+            sort_by="cuda_time_total", row_limit=14, max_name_column_width=60
+        )
+        log(f"profile {name} B={b} K={k} (5 calls)\n{table}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -354,6 +389,8 @@ def main() -> None:
         results["step"] = [
             r for b in batches for k in ks for r in time_step(b, k, gen, log, variants)
         ]
+    if "profile" in parts:
+        profile(gen, log)
     (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
     log("summary")
     for part in ("check",):

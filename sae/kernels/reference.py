@@ -62,6 +62,6 @@ def listing1_loss(
     """
     B, K = idx.shape
     emb = W_dec[idx.view(-1)].view(B, K, -1) * vals.unsqueeze(-1).to(W_dec.dtype)
-    recon_cum = emb.cumsum(dim=1) + b_dec.unsqueeze(1)
+    recon_cum = emb.cumsum(dim=1) + b_dec  # Listing 1 has b_dec.unsqueeze(1): a typo
     diff = recon_cum - x.unsqueeze(1).to(recon_cum.dtype)
     return diff.pow(2).mean() * x.shape[1]

@@ -229,3 +229,16 @@ def segment_rows_kernel(
         p += 1
     ptrs = out_ptr + f * stride_out + offs_d
     tl.store(ptrs, tl.load(ptrs, mask=md, other=0.0) + acc, mask=md)
+
+
+@triton.jit
+def scale_inplace_kernel(ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """ptr[:n] *= scale, skipped on the device when scale == 1 (the usual backward of a loss).
+
+    Saves a full read-modify-write of the (F, D) gradient without a host sync on the scale.
+    """
+    s = tl.load(scale_ptr).to(tl.float32)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(ptr + offs, tl.load(ptr + offs, mask=m) * s, mask=m)

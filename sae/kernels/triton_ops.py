@@ -16,6 +16,7 @@ from sae.kernels.reference import loss_indices
 from sae.kernels.triton_kernels import (
     gather_sum_kernel,
     hierarchical_kernel,
+    scale_inplace_kernel,
     scatter_rows_kernel,
     segment_rows_kernel,
 )
@@ -177,6 +178,15 @@ def sparse_outer_backward(
     return gw, dots
 
 
+def scale_inplace(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t *= scale (a one-element tensor) in place; free when scale is 1."""
+    n = t.numel()
+    if n:
+        block = 4096
+        scale_inplace_kernel[(triton.cdiv(n, block),)](t, scale.reshape(1), n, BLOCK=block)
+    return t
+
+
 def _contig(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
@@ -272,7 +282,7 @@ class HierarchicalLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_vals = (gv * (-c * grad_out)).to(vals_dtype)
         if ctx.needs_input_grad[2]:
-            g_w = gw.mul_(grad_out).to(w_dtype)
+            g_w = scale_inplace(gw, grad_out).to(w_dtype)
         if ctx.needs_input_grad[3]:
             g_b = (gr.sum(0) * (-c * grad_out)).to(b_dtype)
         if ctx.needs_input_grad[4]:
