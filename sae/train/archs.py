@@ -40,20 +40,23 @@ def _sq_err(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (recon - target).pow(2).sum(-1).mean()
 
 
-def forward_topk(sae: SparseAutoencoder, x: torch.Tensor, hierarchical: bool) -> Forward:
+def forward_topk(
+    sae: SparseAutoencoder, x: torch.Tensor, hierarchical: bool, deterministic: bool = False
+) -> Forward:
     """Per-token top-k; the loss is either the plain error or the hierarchical prefix mean."""
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
-    vals, idx = topk_encode(centered, sae.W_enc, sae.b_enc, cfg.k)
+    det = {"deterministic": deterministic}
+    vals, idx = topk_encode(centered, sae.W_enc, sae.b_enc, cfg.k, **det)
     if hierarchical:
-        loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, target, cfg.loss_every)
+        loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, target, cfg.loss_every, **det)
 
         def recon() -> torch.Tensor:
             with torch.no_grad():
                 return topk_decode(vals.detach(), idx, sae.W_dec.detach(), sae.b_dec.detach())
     else:
-        full = topk_decode(vals, idx, sae.W_dec, sae.b_dec)
+        full = topk_decode(vals, idx, sae.W_dec, sae.b_dec, **det)
         loss = _sq_err(full, target)
 
         def recon() -> torch.Tensor:
@@ -143,7 +146,11 @@ def forward_jumprelu(
 
 
 def auxk_loss(
-    sae: SparseAutoencoder, fwd: Forward, dead: torch.Tensor, aux_k: int
+    sae: SparseAutoencoder,
+    fwd: Forward,
+    dead: torch.Tensor,
+    aux_k: int,
+    deterministic: bool = False,
 ) -> torch.Tensor | None:
     """Gao et al.'s AuxK: the top-k_aux dead latents reconstruct the main residual.
 
@@ -157,15 +164,23 @@ def auxk_loss(
     pre = fwd.centered @ sae.W_enc[dead_idx].T + sae.b_enc[dead_idx]
     vals, local = pre.topk(min(aux_k, dead_idx.numel()), dim=-1, sorted=True)
     zero_bias = torch.zeros_like(sae.b_dec)
-    aux_recon = topk_decode(vals.relu(), dead_idx[local], sae.W_dec, zero_bias)
+    aux_recon = topk_decode(
+        vals.relu(), dead_idx[local], sae.W_dec, zero_bias, deterministic=deterministic
+    )
     return _sq_err(aux_recon, residual).nan_to_num(0.0)
 
 
-def forward(sae: SparseAutoencoder, x: torch.Tensor, l0_coef: float, bandwidth: float) -> Forward:
-    """Dispatch on cfg.arch."""
+def forward(
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    l0_coef: float,
+    bandwidth: float,
+    deterministic: bool = False,
+) -> Forward:
+    """Dispatch on cfg.arch (`deterministic`: bitwise-repeatable GPU kernels, a bit slower)."""
     arch = sae.cfg.arch
     if arch in ("hierarchical", "topk"):
-        return forward_topk(sae, x, hierarchical=arch == "hierarchical")
+        return forward_topk(sae, x, arch == "hierarchical", deterministic)
     if arch == "batchtopk":
         return forward_batchtopk(sae, x)
     return forward_jumprelu(sae, x, l0_coef, bandwidth)

@@ -55,6 +55,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    deterministic: bool = typer.Option(
+        False, "--deterministic", help="Bitwise-repeatable GPU kernels (a little slower)."
+    ),
 ) -> None:
     """Train a sparse autoencoder on a cache's train split; evaluate on its held-out split."""
     import json
@@ -90,6 +93,7 @@ def train(
         resume=resume,
         overwrite=overwrite,
         progress=progress,
+        deterministic=deterministic,
     )
     summary = run_training(cfg)
     keys = ("steps", "tokens", "fvu", "l0", "dead", "tokens_per_s")

@@ -71,6 +71,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    deterministic: bool = False  # bitwise-repeatable GPU kernels (sorted reductions, slower)
     # Resolved from the cache / run (not options):
     d_model: int = 0
     input_scale: float = 1.0

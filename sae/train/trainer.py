@@ -220,10 +220,11 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        fwd = forward(sae, x, cfg.l0_coef, cfg.jumprelu_bandwidth)
+        fwd = forward(sae, x, cfg.l0_coef, cfg.jumprelu_bandwidth, cfg.deterministic)
         total = fwd.loss
         if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
-            aux = auxk_loss(sae, fwd, self.since_fired >= cfg.dead_tokens, cfg.aux_k)
+            dead = self.since_fired >= cfg.dead_tokens
+            aux = auxk_loss(sae, fwd, dead, cfg.aux_k, cfg.deterministic)
             if aux is not None:
                 total = total + cfg.aux_coef * aux
         self.opt.zero_grad(set_to_none=True)
