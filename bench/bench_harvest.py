@@ -183,6 +183,8 @@ def main() -> None:
     # (a) and the harvest on the model cut after block `layer`, interleaved.
     lm = cut_at_layer(model, args.layer, device=device)
     time_forward_alone(lm, batches[:3])
+    warm = argparse.Namespace(**{**vars(args), "harvest_tokens": args.batch * args.context * 4})
+    time_harvest(lm, tokenizer, warm, f"{args.out}/cache")
     forward, harvest = [], []
     for i in range(args.repeats):
         forward.append(time_forward_alone(lm, batches))
