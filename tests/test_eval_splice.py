@@ -79,6 +79,7 @@ def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
     exact, lossy = rows
     assert exact["ce_increase"] == 0.0 and exact["kl"] == 0.0
     assert exact["predictions"] == 3 * 15 and exact["ce_clean"] > 0
+    assert exact["ce_zero_ablation"] > exact["ce_clean"] and exact["ce_recovered"] == 1.0
     assert lossy["kl"] > 1e-4 and abs(lossy["ce_increase"]) > 1e-4  # random LM: either sign
     assert lossy["l0"] == 1.0
     # The SAE saw the residual stream after block `layer`: hidden_states[layer + 1].

@@ -28,7 +28,7 @@ GATHER_ELEMENTS = 1 << 25  # cap on the (rows, k, D) decoder gather of one decod
 class Setting:
     """One inference setting: per-row top-k at `k`, or the SAE's threshold (k is None)."""
 
-    mode: str  # "topk" | "threshold"
+    mode: str  # "topk" | "threshold" ("zero": the ablation baseline of downstream evals)
     k: int | None = None
 
     @property

@@ -249,7 +249,7 @@ def print_report(doc: dict, console=None) -> None:
         table = Table(
             title=f"downstream: SAE spliced into {doc.get('downstream_model', 'the model')}"
         )
-        for col in ("setting", "ℓ0", "CE clean", "CE spliced", "CE increase", "KL"):
+        for col in ("setting", "ℓ0", "CE clean", "CE spliced", "CE increase", "KL", "CE recovered"):
             table.add_column(col, justify="right")
         for row in doc["downstream"]:
             table.add_row(
@@ -259,5 +259,6 @@ def print_report(doc: dict, console=None) -> None:
                 f"{row['ce_spliced']:.4f}",
                 f"{row['ce_increase']:.4f}",
                 f"{row['kl']:.4f}",
+                "-" if row.get("ce_recovered") is None else f"{row['ce_recovered']:.4f}",
             )
         console.print(table)

@@ -5,7 +5,9 @@ block L, i.e. hidden_states[L + 1], the site the cache was harvested at) with th
 reconstruction, and the rest of the model runs on it. Reported per inference setting, over the
 next-token predictions of the given windows:
 - CE increase = CE(spliced) − CE(clean), in nats per predicted token;
-- KL = mean over predicted positions of KL(p_clean ‖ p_spliced), in nats.
+- KL = mean over predicted positions of KL(p_clean ‖ p_spliced), in nats;
+- CE recovered = (CE(zero) − CE(spliced)) / (CE(zero) − CE(clean)), with CE(zero) the model
+  with that residual stream zeroed (SAELens' "CE loss score"; 1 = as good as the clean model).
 Positions holding the BOS token are left clean: the SAE is trained without BOS rows (their norm
 is far outside the distribution), as SAELens/SAEBench evaluations also do.
 """
@@ -26,6 +28,7 @@ class SpliceTotals:
 
     ce_clean: float = 0.0
     ce_spliced: float = 0.0
+    ce_zero: float = 0.0
     kl: float = 0.0
     predictions: int = 0
     active: int = 0
@@ -33,6 +36,7 @@ class SpliceTotals:
 
     def summary(self, setting: Setting) -> dict:
         n = max(self.predictions, 1)
+        gap = self.ce_zero - self.ce_clean
         return {
             "mode": setting.mode,
             "k": setting.k,
@@ -41,6 +45,8 @@ class SpliceTotals:
             "ce_spliced": self.ce_spliced / n,
             "ce_increase": (self.ce_spliced - self.ce_clean) / n,
             "kl": self.kl / n,
+            "ce_zero_ablation": self.ce_zero / n,
+            "ce_recovered": (self.ce_zero - self.ce_spliced) / gap if gap > 0 else None,
             "predictions": self.predictions,
         }
 
@@ -56,7 +62,10 @@ class SpliceHook:
         flat = hidden.reshape(-1, hidden.shape[-1])
         sae = self.sae
         x = flat.to(sae.W_dec.device, torch.float32)
-        if self.setting.mode == "topk":
+        if self.setting.mode == "zero":
+            recon = torch.zeros_like(x)
+            active = torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        elif self.setting.mode == "topk":
             vals, idx = sae.encode(x, self.setting.k, mode="topk")
             recon = sae.decode(vals, idx) / sae.cfg.input_scale
             active = vals > 0
@@ -81,6 +90,16 @@ def _log_probs(lm, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
+def _spliced_ce(lm, block, sae, ids, keep, targets) -> float:
+    """Summed next-token CE with the block's output zeroed (the zero-ablation baseline)."""
+    handle = block.register_forward_hook(SpliceHook(sae, Setting("zero"), keep, SpliceTotals()))
+    try:
+        logp = _log_probs(lm, ids)
+    finally:
+        handle.remove()
+    return float(-logp.gather(-1, targets.unsqueeze(-1)).double().sum())
+
+
 @torch.inference_mode()
 def splice_eval(
     lm,
@@ -103,6 +122,7 @@ def splice_eval(
         clean = _log_probs(lm, ids)
         ce_clean = float(-clean.gather(-1, targets.unsqueeze(-1)).double().sum())
         keep = ids == bos_id if bos_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        ce_zero = _spliced_ce(lm, block, sae, ids, keep, targets)
         p_clean = clean.exp()
         for setting in settings:
             total = totals[setting.label]
@@ -112,6 +132,7 @@ def splice_eval(
             finally:
                 handle.remove()
             total.ce_clean += ce_clean
+            total.ce_zero += ce_zero
             total.ce_spliced += float(-spliced.gather(-1, targets.unsqueeze(-1)).double().sum())
             total.kl += float((p_clean * (clean - spliced)).sum(-1).double().sum())
             total.predictions += targets.numel()
