@@ -102,6 +102,35 @@ def stream_rate(
     return n_batches * BATCH * D * 2 / dt / 1e9
 
 
+def components(path: str, device: str) -> dict:
+    """Rates of the reader's stages alone, to see which one limits the stream."""
+    cache = open_cache(path)
+    rows = 262144
+    t0 = time.perf_counter()
+    window = cache.read_rows(cache.heldout_rows[1], cache.heldout_rows[1] + rows)
+    out = {"window load+crc (1 thread) GB/s": window.nbytes / (time.perf_counter() - t0) / 1e9}
+    src = torch.from_numpy(window)
+    pin = torch.empty((BATCH, D), dtype=torch.float16, pin_memory=device.startswith("cuda"))
+    idx = torch.randperm(rows)[:BATCH]
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        torch.index_select(src, 0, idx, out=pin)
+        times.append(time.perf_counter() - t0)
+    out["gather GB/s"] = pin.nbytes / statistics.median(times) / 1e9
+    if device.startswith("cuda"):
+        dev = torch.empty_like(pin, device=device)
+        times = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dev.copy_(pin, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out["H2D pinned GB/s"] = pin.nbytes / statistics.median(times) / 1e9
+    return out
+
+
 def random_read_rates(path: str, sizes_mb: list[float], budget_bytes: float) -> dict:
     """Cold random preads of `size` bytes from the shard files: what chunk size a reader needs."""
     files = sorted(str(p) for p in Path(path, "activations", "c").rglob("0") if p.is_file())
@@ -190,6 +219,8 @@ def main() -> None:
     results["layout"] = cache.layout.to_attrs()
     # warm: read everything once so the page cache holds the cache
     stream_rate(args.dir, args.device, min(args.batches, args.rows // BATCH), warmup=1)
+    results["components"] = components(args.dir, args.device)
+    print("components", results["components"])
     for label, kw in [
         ("warm fp16 verify", {}),
         ("warm fp16 no-verify", {"verify": False}),

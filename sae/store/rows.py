@@ -26,9 +26,9 @@ class ChunkCorrupt(SaeError):
 
 
 def crc32c(data: Any) -> int:
-    import crc32c as _crc
+    import google_crc32c  # zarr's own crc32c dependency (C extension)
 
-    return int(_crc.crc32c(data))
+    return int(google_crc32c.value(data))
 
 
 class ZarrRows:
@@ -173,7 +173,7 @@ def write_shard_file(root: Path, layout: Layout, shard: int, rows: np.ndarray) -
             part = data[j * cr : (j + 1) * cr]
             if len(part) < cr:  # the last chunk of a tail: pad with the fill value
                 part = np.concatenate([part, np.zeros((cr - len(part), d), "<f2")])
-            view = memoryview(part.reshape(-1).view(np.uint8))
+            view = part.reshape(-1).view(np.uint8)
             f.write(view)
             f.write(np.uint32(crc32c(view)).astype("<u4").tobytes())
             index[j] = (j * (chunk_bytes + 4), chunk_bytes + 4)
