@@ -313,6 +313,34 @@ def time_pieces(m: Model, x, k, log) -> list[dict]:
     return rows
 
 
+TILES = ("32,64,4", "16,64,4", "32,128,4", "32,32,2", "64,64,8", "16,128,4", "32,64,8", "16,32,2")
+
+
+def tune(gen, log, b=8192, k=128) -> list[dict]:
+    """Hierarchical op (fwd+bwd) time per (K_BLOCK, BLOCK_D, warps) tile at one shape."""
+    import os
+
+    vals0, idx = random_sparse(b, k, F, "cuda", gen)
+    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
+    bias = torch.zeros(D, device="cuda").requires_grad_()
+    x = torch.randn(b, D, device="cuda", generator=gen)
+    vals = vals0.requires_grad_()
+
+    def run():
+        for p in (vals, w, bias):
+            p.grad = None
+        kernels.hierarchical_loss(vals, idx, w, bias, x, 1).backward()
+
+    rows = []
+    for tile in TILES:
+        os.environ["SAE_KERNELS_HIER_TILE"] = tile
+        ms, _ = bench(run)
+        rows.append({"part": "tune", "variant": f"tile {tile}", "batch": b, "k": k, "ms": ms})
+        log(f"tune tile {tile}: {ms:.3f} ms")
+    os.environ.pop("SAE_KERNELS_HIER_TILE")
+    return rows
+
+
 def profile(gen, log, b=8192, k=128) -> None:
     """Kernel-level breakdown (torch.profiler) of our op and our step at one shape."""
     from torch.profiler import ProfilerActivity
@@ -389,6 +417,8 @@ def main() -> None:
         results["step"] = [
             r for b in batches for k in ks for r in time_step(b, k, gen, log, variants)
         ]
+    if "tune" in parts:
+        results["tune"] = tune(gen, log)
     if "profile" in parts:
         profile(gen, log)
     (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
@@ -399,7 +429,7 @@ def main() -> None:
                 log(f"  FAILED {r['check']}")
         if part in results:
             log(f"  checks: {sum(r['ok'] for r in results[part])}/{len(results[part])} ok")
-    for part in ("op", "step"):
+    for part in ("tune", "op", "step"):
         for r in results.get(part, []):
             log(
                 f"  {part:5s} B={r['batch']:5d} K={r['k']:3d} {r['variant']:34s} {r['ms']:8.3f} ms"

@@ -21,7 +21,7 @@ def topk_encode(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """relu(top-k of x @ W_enc.T + b_enc) per row: (vals sorted descending, idx)."""
-    pre = x @ W_enc.to(x.dtype).T + b_enc.to(x.dtype)
+    pre = torch.addmm(b_enc.to(x.dtype), x, W_enc.to(x.dtype).T)  # bf16 under autocast
     vals, idx = pre.topk(k, dim=-1, sorted=True)
     return vals.relu(), idx
 

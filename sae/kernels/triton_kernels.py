@@ -133,58 +133,90 @@ def hierarchical_kernel(
     WANT_GRAD: tl.constexpr,
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
-    K_PAD: tl.constexpr,
+    K_BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Hierarchical loss on one (row, chunk) tile, plus its gradients in the same pass.
+    """Hierarchical loss on one (row, D-chunk), plus its gradients, in two sweeps over K.
 
-    With A_i = v_i e_i and r_0 = x − b_dec: residuals R_j = r_0 − Σ_{i≤j} A_i (forward cumsum),
-    loss partial Σ_{j∈J} ||R_j||², and S_i = Σ_{j≥i, j∈J} R_j (reverse cumsum) gives
-    dL/dv_i ∝ <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ S_1. Unscaled partials are written;
-    the caller applies −2/(B|J|) (gw_scale is applied here, on the scatter).
+    With A_i = v_i e_i and r_0 = x − b_dec, the residuals are R_j = r_0 − Σ_{i≤j} A_i. Sweep 1
+    walks K in blocks of K_BLOCK rows carrying the running residual: the loss partial
+    Σ_{j∈J} ||R_j||² and T = Σ_{j∈J} R_j. Sweep 2 (gradients only) walks again, now also
+    carrying S_i = Σ_{j≥i, j∈J} R_j = T − Σ_{j<i, j∈J} R_j, so dL/dv_i ∝ <S_i, e_i>,
+    dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Only (K_BLOCK, BLOCK_D) tiles live in registers;
+    the second sweep re-reads this row's dictionary rows, which are still in cache.
+    Unscaled partials are written; the caller applies −2/(B|J|) (gw_scale here, on the scatter).
     GW_MODE 0: no weight grad; 1: atomics into gw[idx]; 2: store v_i S_i to gw[b·K + i] (a
     (B·K, d_end − d_start) buffer later segment-reduced, for determinism).
     """
-    b, c, offs_k, mk, offs_d, md = _tile(K, d_start, d_end, K_PAD, BLOCK_D)
-    n_chunks_before = d_start // BLOCK_D
-    m2 = mk[:, None] & md[None, :]
-    j = offs_k + 1
-    in_j = mk & ((j == 1) | ((j % every) == 0))
-
-    v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
-    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
-    e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0).to(
-        tl.float32
-    )
+    b, c, offs_kb, _mk, offs_d, md = _tile(K, d_start, d_end, K_BLOCK, BLOCK_D)
+    chunk = d_start // BLOCK_D + c
     r0 = tl.load(x_ptr + b * stride_x + offs_d, mask=md, other=0.0).to(tl.float32)
     r0 -= tl.load(bdec_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    r = r0[None, :] - tl.cumsum(v[:, None] * e, axis=0)
-    rj = tl.where(in_j[:, None], r, 0.0)
-    tl.store(loss_part_ptr + (n_chunks_before + c) * tl.num_programs(0) + b, tl.sum(rj * r))
+    r = r0
+    t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:  # while, not range: data-dependent trip count (interpreter too)
+        offs_k = k0 + offs_kb
+        mk = offs_k < K
+        j = offs_k + 1
+        in_j = mk & ((j == 1) | ((j % every) == 0))
+        v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
+        ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
+        m2 = mk[:, None] & md[None, :]
+        a = v[:, None] * tl.load(
+            w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0
+        ).to(tl.float32)
+        rr = r[None, :] - tl.cumsum(a, axis=0)
+        rj = tl.where(in_j[:, None], rr, 0.0)
+        sq += tl.sum(rj * rr, axis=0)
+        t += tl.sum(rj, axis=0)
+        r -= tl.sum(a, axis=0)
+        k0 += K_BLOCK
+    tl.store(loss_part_ptr + chunk * tl.num_programs(0) + b, tl.sum(sq))
     if WANT_GRAD:
-        s = tl.cumsum(rj, axis=0, reverse=True)
-        dots = tl.sum(s * e, axis=1)
-        if GV_ATOMIC:
-            tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
-        else:
-            chunk = n_chunks_before + c
-            tl.store(gv_ptr + chunk * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
-        tl.store(gr_ptr + b * stride_gr + offs_d, tl.sum(rj, axis=0), mask=md)
-        if GW_MODE == 1:
-            tl.atomic_add(
-                gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
-                (gw_scale * v)[:, None] * s,
-                mask=m2,
-                sem="relaxed",
+        tl.store(gr_ptr + b * stride_gr + offs_d, t, mask=md)
+        r = r0
+        s = t
+        k0 = 0
+        while k0 < K:  # while, not range: data-dependent trip count (interpreter too)
+            offs_k = k0 + offs_kb
+            mk = offs_k < K
+            j = offs_k + 1
+            in_j = mk & ((j == 1) | ((j % every) == 0))
+            v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
+            ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
+            m2 = mk[:, None] & md[None, :]
+            e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0).to(
+                tl.float32
             )
-        if GW_MODE == 2:
-            rows = b * K + offs_k
-            cols = offs_d - d_start
-            tl.store(
-                gw_ptr + rows[:, None] * stride_gw_item + cols[None, :],
-                (gw_scale * v)[:, None] * s,
-                mask=m2,
-            )
+            a = v[:, None] * e
+            rr = r[None, :] - tl.cumsum(a, axis=0)
+            rj = tl.where(in_j[:, None], rr, 0.0)
+            ss = s[None, :] - tl.cumsum(rj, axis=0) + rj
+            dots = tl.sum(ss * e, axis=1)
+            if GV_ATOMIC:
+                tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
+            else:
+                tl.store(gv_ptr + chunk * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
+            if GW_MODE == 1:
+                tl.atomic_add(
+                    gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+                    (gw_scale * v)[:, None] * ss,
+                    mask=m2,
+                    sem="relaxed",
+                )
+            if GW_MODE == 2:
+                rows = b * K + offs_k
+                cols = offs_d - d_start
+                tl.store(
+                    gw_ptr + rows[:, None] * stride_gw_item + cols[None, :],
+                    (gw_scale * v)[:, None] * ss,
+                    mask=m2,
+                )
+            s -= tl.sum(rj, axis=0)
+            r -= tl.sum(a, axis=0)
+            k0 += K_BLOCK
 
 
 @triton.jit

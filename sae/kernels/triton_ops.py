@@ -38,6 +38,22 @@ def _geometry(k: int, d: int) -> tuple[int, int, int]:
     return k_pad, block_d, warps
 
 
+def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
+    """(K_BLOCK, BLOCK_D, num_warps) of the hierarchical kernel's sweeps over K.
+
+    Small (K_BLOCK, BLOCK_D) tiles: the in-register cumsums over K stay inside a warp's reach
+    (a first version held all K rows at once and spent most of its time in the scans).
+    SAE_KERNELS_HIER_TILE="kb,bd,warps" overrides, for tuning runs.
+    """
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
+    override = os.environ.get("SAE_KERNELS_HIER_TILE")
+    kb, bd, warps = (int(v) for v in override.split(",")) if override else (32, 64, 4)
+    kb = max(2, min(kb, triton.next_power_of_2(k)))
+    bd = max(16, min(bd, triton.next_power_of_2(d)))
+    return kb, bd, warps
+
+
 def _new(shape, dtype, device) -> torch.Tensor:
     """torch.empty, or NaN-filled when poisoning is on (see POISON_ENV)."""
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -200,7 +216,7 @@ class HierarchicalLoss(torch.autograd.Function):
         n, k = idx.shape
         d = w_dec.shape[1]
         n_j = len(loss_indices(k, every))
-        k_pad, block_d, warps = _geometry(k, d)
+        k_block, block_d, warps = _hier_geometry(k, d)
         n_chunks = triton.cdiv(d, block_d)
         dev = w_dec.device
         loss_part = _new((n_chunks, n), torch.float32, dev)
@@ -245,7 +261,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 WANT_GRAD=want_grad,
                 GW_MODE=gw_mode,
                 GV_ATOMIC=not deterministic,
-                K_PAD=k_pad,
+                K_BLOCK=k_block,
                 BLOCK_D=block_d,
                 num_warps=warps,
             )
@@ -320,7 +336,9 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, k, deterministic):
-        pre = x @ w_enc.to(x.dtype).T + b_enc.to(x.dtype)
+        # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
+        # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
+        pre = torch.addmm(b_enc.to(x.dtype), x, w_enc.to(x.dtype).T)
         vals, idx = pre.topk(k, dim=-1, sorted=True)
         del pre
         vals = vals.relu()
