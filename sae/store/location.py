@@ -80,6 +80,15 @@ class Location:
         fs, root = self._fs()
         return fs.exists(f"{root.rstrip('/')}/{key}")
 
+    def is_empty(self) -> bool:
+        """True when nothing exists at the location (or an empty directory)."""
+        if self.local is not None:
+            return not self.local.exists() or (
+                self.local.is_dir() and not any(self.local.iterdir())
+            )
+        fs, root = self._fs()
+        return not fs.exists(root) or not fs.ls(root, detail=False)
+
     def remove_all(self) -> None:
         """Delete the whole cache (used only for an explicit overwrite)."""
         if self.local is not None:

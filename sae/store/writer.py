@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from sae.errors import SaeError
-from sae.store.layout import ACTIVATIONS, POSITIONS, TOKEN_IDS, WRITERS, Layout, make_layout
+from sae.store.layout import (
+    ACTIVATIONS,
+    FORMAT_NAME,
+    POSITIONS,
+    TOKEN_IDS,
+    WRITERS,
+    Layout,
+    make_layout,
+)
 from sae.store.location import Location, locate
 from sae.store.metadata import (
     check_root,
@@ -154,7 +162,13 @@ class CacheWriter:
         wait_s: float,
     ) -> Layout:
         deadline = time.monotonic() + wait_s
-        if overwrite and self.rank == 0:
+        if overwrite and self.rank == 0 and not self.loc.is_empty():
+            meta = self.loc.read_json("zarr.json") or {}
+            if (meta.get("attributes") or {}).get("format") != FORMAT_NAME:
+                raise SaeError(
+                    f"{self.loc.url} is not an sae cache; refusing to delete it for overwrite. "
+                    "Pass an empty or new path"
+                )
             self.loc.remove_all()
         while True:
             meta = self.loc.read_json("zarr.json")
@@ -176,6 +190,11 @@ class CacheWriter:
                     "choose a new path or pass overwrite (--overwrite) to replace it"
                 )
             elif self.rank == 0:
+                if not self.loc.is_empty():
+                    raise SaeError(
+                        f"{self.loc.url} exists and is not empty, but is not an sae cache; "
+                        "pass a new or empty path"
+                    )
                 create_cache(self.loc, layout, identity, config, compression)
                 return layout
             if time.monotonic() > deadline:
