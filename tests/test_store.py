@@ -94,6 +94,13 @@ def write(
     return w
 
 
+def append_rows(w: CacheWriter, local_start: int, local_stop: int, step: int) -> None:
+    """Append this writer's rows [local_start, local_stop) in steps (token id = global row)."""
+    for i in range(local_start, local_stop, step):
+        g, k = w.row_start + i, min(step, local_stop - i)
+        w.append(rows_for(g, k), np.arange(g, g + k), np.arange(g, g + k) % CONTEXT)
+
+
 @pytest.fixture(params=["local", "memory"])
 def url(request, tmp_path) -> str:
     return str(tmp_path / "cache") if request.param == "local" else f"memory://c-{uuid.uuid4().hex}"
@@ -200,9 +207,7 @@ def test_sigkill_mid_write_then_resume(tmp_path):
     )
     rows, state = w.resume_state
     assert w.committed == n and state == {"next": rows} and rows <= n
-    for i in range(n, 4000, 10):
-        k = min(10, 4000 - i)
-        w.append(rows_for(i, k), np.arange(i, i + k), np.arange(i, i + k) % CONTEXT)
+    append_rows(w, n, 4000, 10)
     w.close()
     cache = open_cache(path)
     assert cache.n_tokens == 4000 and cache.stats["count"] == 4000
@@ -260,9 +265,8 @@ def test_two_ranks_disjoint_complete_and_deterministic(url):
         )
         lo = rank * 2048
         assert w.target == 2048
-        for i in range(0, 2048, 256):
-            g = lo + i
-            w.append(rows_for(g, 256), np.arange(g, g + 256), np.arange(g, g + 256) % CONTEXT)
+        assert w.row_start == lo
+        append_rows(w, 0, 2048, 256)
         w.close()
     cache = open_cache(url)
     assert cache.n_tokens == total
@@ -435,9 +439,7 @@ def test_concurrent_writers_and_safe_paths(tmp_path):
                 world_size=2,
                 wait_s=20,
             )
-            for i in range(0, w.target, 128):
-                g = w.row_start + i
-                w.append(rows_for(g, 128), np.arange(g, g + 128), np.arange(g, g + 128) % CONTEXT)
+            append_rows(w, 0, w.target, 128)
             w.close()
         except Exception as err:  # surfaced below
             errors.append(err)
