@@ -325,6 +325,18 @@ def test_cursor_resumes_same_stream(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(SaeError, match="seed"):
         cache.batches(50, seed=4, cursor=cursor)
+    # closing a stream mid-epoch stops its loader and batcher threads
+    import threading
+
+    before = threading.active_count()
+    stream = cache.batches(50, epochs=None, shuffle_rows=96)
+    it = iter(stream)
+    next(it)
+    stream.close()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
 
 
 def test_mismatched_config_refused(url):

@@ -58,10 +58,15 @@ class _Prefetch:
         try:
             for item in self._gen:
                 if not self._put(item):
-                    return
-            self._put(_DONE)
+                    break
+            else:
+                self._put(_DONE)
         except BaseException as err:
             self._put(_Failure(err))
+        finally:
+            close = getattr(self._gen, "close", None)
+            if close is not None:
+                close()  # runs the generator's finally (stops the threads it started)
 
     def __iter__(self) -> Iterator[Any]:
         while True:
