@@ -134,6 +134,7 @@ def hierarchical_kernel(
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    NUM_KB: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Hierarchical loss on one (row, D-chunk), plus its gradients, in two sweeps over K.
@@ -155,8 +156,8 @@ def hierarchical_kernel(
     r = r0
     t = tl.zeros([BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    k0 = 0
-    while k0 < K:  # while, not range: data-dependent trip count (interpreter too)
+    for kb in range(NUM_KB):  # constexpr trip count: Triton pipelines the next block's gather
+        k0 = kb * K_BLOCK
         offs_k = k0 + offs_kb
         mk = offs_k < K
         j = offs_k + 1
@@ -172,14 +173,13 @@ def hierarchical_kernel(
         sq += tl.sum(rj * rr, axis=0)
         t += tl.sum(rj, axis=0)
         r -= tl.sum(a, axis=0)
-        k0 += K_BLOCK
     tl.store(loss_part_ptr + chunk * tl.num_programs(0) + b, tl.sum(sq))
     if WANT_GRAD:
         tl.store(gr_ptr + b * stride_gr + offs_d, t, mask=md)
         r = r0
         s = t
-        k0 = 0
-        while k0 < K:  # while, not range: data-dependent trip count (interpreter too)
+        for kb in range(NUM_KB):
+            k0 = kb * K_BLOCK
             offs_k = k0 + offs_kb
             mk = offs_k < K
             j = offs_k + 1
@@ -216,7 +216,6 @@ def hierarchical_kernel(
                 )
             s -= tl.sum(rj, axis=0)
             r -= tl.sum(a, axis=0)
-            k0 += K_BLOCK
 
 
 @triton.jit

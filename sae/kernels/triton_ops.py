@@ -48,7 +48,7 @@ def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     override = os.environ.get("SAE_KERNELS_HIER_TILE")
-    kb, bd, warps = (int(v) for v in override.split(",")) if override else (32, 64, 4)
+    kb, bd, warps = (int(v) for v in override.split(",")) if override else (32, 32, 2)
     kb = max(2, min(kb, triton.next_power_of_2(k)))
     bd = max(16, min(bd, triton.next_power_of_2(d)))
     return kb, bd, warps
@@ -262,6 +262,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 GW_MODE=gw_mode,
                 GV_ATOMIC=not deterministic,
                 K_BLOCK=k_block,
+                NUM_KB=triton.cdiv(k, k_block),
                 BLOCK_D=block_d,
                 num_warps=warps,
             )
