@@ -50,7 +50,7 @@ def train(
     eval_tokens: str = typer.Option("64K", "--eval-tokens", help="Held-out tokens per eval."),
     log_every: int = typer.Option(50, "--log-every", help="Log metrics every N steps."),
     checkpoint_every: int = typer.Option(
-        1000, "--checkpoint-every", help="Write a resumable checkpoint every N steps."
+        2000, "--checkpoint-every", help="Write a resumable checkpoint every N steps."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out."),

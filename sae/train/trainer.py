@@ -299,13 +299,20 @@ class Trainer:
         mean = (total / self.heldout.shape[0]).float().to(self.device) * cfg.input_scale
         for chunk in self.heldout.split(cfg.batch):
             x = chunk.to(self.device).float()
-            latents = sae.encode_dense(x, mode=mode)
-            recon = sae.decode_dense(latents)
+            if mode == "topk":  # sparse decode: no dense (B, F) latents to multiply
+                vals, idx = sae.encode(x)
+                recon = sae.decode(vals, idx)
+                active = vals > 0
+                fired[idx[active]] = True
+            else:
+                latents = sae.encode_dense(x, mode=mode)
+                recon = sae.decode_dense(latents)
+                active = latents > 0
+                fired |= active.any(0)
             target = x * cfg.input_scale
             err += (recon - target).pow(2).sum().item()
             sq += (target - mean).pow(2).sum().item()
-            l0 += (latents > 0).sum().item()
-            fired |= (latents > 0).any(0)
+            l0 += active.sum().item()
         n = self.heldout.shape[0]
         return {
             "fvu": err / max(sq, 1e-12),
