@@ -1,0 +1,76 @@
+"""Training forwards and their custom gradients against direct formulas."""
+
+from __future__ import annotations
+
+import torch
+
+from sae.train.archs import _JumpReLU, _Step, auxk_loss, forward_batchtopk, forward_topk
+from sae.train.model import SAEConfig, SparseAutoencoder
+
+
+def _sae(arch: str, k: int = 3) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SAEConfig(d_model=8, n_latents=24, k=k, arch=arch, input_scale=1.5))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(1))
+    return sae
+
+
+def test_jumprelu_pseudo_derivatives():
+    z = torch.tensor([[0.10, 0.52, 0.49, 0.9], [0.55, 0.2, 0.45, 0.0]], requires_grad=True)
+    theta = torch.full((4,), 0.5, requires_grad=True)
+    eps = 0.1
+    out = _JumpReLU.apply(z, theta, eps)
+    torch.testing.assert_close(out, z.detach() * (z.detach() > 0.5))
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, (z.detach() > 0.5).float())
+    near = ((z.detach() - 0.5).abs() < eps / 2).float()  # rectangle kernel K((z-θ)/ε)
+    torch.testing.assert_close(theta.grad, (-(0.5 / eps) * near).sum(0))
+    theta.grad = None
+    z.grad = None
+    _Step.apply(z, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, (-(1 / eps) * near).sum(0))
+    assert torch.count_nonzero(z.grad) == 0
+
+
+def test_hierarchical_loss_is_mean_over_prefixes():
+    sae = _sae("hierarchical", k=4)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    fwd = forward_topk(sae, x, hierarchical=True)
+    target = x * 1.5
+    pre = (target - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(4, dim=1)
+    vals = vals.relu()
+    losses = []
+    for j in range(1, 5):
+        recon = sae.b_dec + (vals[:, :j, None] * sae.W_dec[idx[:, :j]]).sum(1)
+        losses.append((recon - target).pow(2).sum(1).mean())
+    torch.testing.assert_close(fwd.loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fwd.recon(), sae.b_dec + (vals[..., None] * sae.W_dec[idx]).sum(1))
+    assert fwd.fired.sum() == len(set(idx[vals > 0].tolist()))
+
+
+def test_batchtopk_keeps_n_times_k_over_the_batch():
+    sae = _sae("batchtopk", k=3)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    fwd = forward_batchtopk(sae, x)
+    acts = ((x * 1.5 - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu().detach()
+    kept = acts.flatten().topk(18).values
+    torch.testing.assert_close(fwd.min_kept, kept[kept > 0].min())
+    torch.testing.assert_close(fwd.l0, (acts >= kept.min()).sum() / 6.0)
+
+
+def test_auxk_uses_only_dead_latents():
+    sae = _sae("topk", k=2)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    fwd = forward_topk(sae, x, hierarchical=False)
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[[1, 5, 7, 11, 20]] = True
+    aux = auxk_loss(sae, fwd, dead, aux_k=3)
+    residual = fwd.target - fwd.recon()
+    pre = (fwd.target - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    pre_dead = pre.masked_fill(~dead, float("-inf"))
+    vals, idx = pre_dead.topk(3, dim=1)
+    aux_recon = (vals.relu()[..., None] * sae.W_dec[idx]).sum(1)
+    torch.testing.assert_close(aux, (aux_recon - residual).pow(2).sum(1).mean())
+    assert auxk_loss(sae, fwd, torch.zeros(24, dtype=torch.bool), aux_k=3) is None
