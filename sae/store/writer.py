@@ -103,7 +103,8 @@ def create_cache(
         )
     group.create_group(WRITERS)
     # Attributes last: a directory without them is not yet a cache, so a crash here is harmless.
-    group.attrs.update(root_attrs(layout, identity, config, compression))
+    # One write (attrs.update would write once per key and expose a half-filled group).
+    group.attrs.put(root_attrs(layout, identity, config, compression))
 
 
 def _mismatch(old: dict, new: dict) -> list[str]:
@@ -418,7 +419,11 @@ class CacheWriter:
             total.merge(r.stats)
         summary = total.summary()
         summary["mean"] = [float(v) for v in summary["mean"]]
-        self._group.attrs.update({"tokens_committed": total.count, "stats": summary})
+        meta = self.loc.read_json("zarr.json")
+        if meta is None or not isinstance(meta.get("attributes"), dict):
+            raise SaeError(f"{self.loc.url}/zarr.json vanished or was damaged while writing")
+        meta["attributes"].update(tokens_committed=total.count, stats=summary)
+        self.loc.write_json("zarr.json", meta)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
