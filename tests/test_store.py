@@ -123,6 +123,9 @@ def test_round_trip_bit_exact(url):
     np.testing.assert_allclose(st["mean_sq_norm"], (x.astype(np.float64) ** 2).sum(1).mean())
     assert st["max_abs"] == pytest.approx(np.abs(x).max())
     assert cache.attrs["config"] == {"note": "test"} and cache.identity == IDENTITY
+    info = CliRunner().invoke(app, ["store", "info", url])
+    assert info.exit_code == 0, info.output
+    assert "tiny" in info.output and "1,000 / 1,000" in info.output and "resid_post" in info.output
 
 
 def test_plain_zarr_reads_without_sae(tmp_path):
