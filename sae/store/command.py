@@ -11,6 +11,7 @@ store_app = typer.Typer(no_args_is_help=True)
 def info(path: str = typer.Argument(..., help="Cache path or fsspec URL.")) -> None:
     """Show what a cache holds: model, layer, tokens, size on disk, chunks, files, statistics."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from sae.store.cache import open_cache
@@ -58,7 +59,7 @@ def info(path: str = typer.Argument(..., help="Cache path or fsspec URL.")) -> N
         ("created", str(cache.attrs.get("created"))),
     ]
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, escape(v))  # values come from the cache: never rich markup
     Console().print(table)
 
 
