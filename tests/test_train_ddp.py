@@ -35,6 +35,9 @@ def _config(out: Path, arch: str) -> TrainConfig:
         checkpoint_every=5,
         progress=False,
         device="cpu",
+        l0_coef=0.1,
+        jumprelu_init_threshold=0.3,
+        jumprelu_bandwidth=0.1,
     )
 
 
@@ -54,7 +57,7 @@ def _worker(rank: int, init_file: str, out: str, arch: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["hierarchical"])
+@pytest.mark.parametrize("arch", ["hierarchical", "jumprelu"])
 def test_two_ranks_equal_one_process(tmp_path, arch):
     single = tmp_path / "single"
     train(_config(single, arch), _source())

@@ -52,7 +52,7 @@ class SAEConfig:
             raise SaeError(f"SAE config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.arch != "jumprelu" and self.k < 1:
             raise SaeError(f"SAE config: k must be >= 1 for arch {self.arch}, got {self.k}")
-        if self.k > self.n_latents:
+        if self.arch != "jumprelu" and self.k > self.n_latents:
             raise SaeError(
                 f"k={self.k} is larger than the dictionary ({self.n_latents} latents); "
                 "lower --k or raise --latents/--expansion"
