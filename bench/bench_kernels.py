@@ -313,11 +313,11 @@ def time_pieces(m: Model, x, k, log) -> list[dict]:
     return rows
 
 
-TILES = ("32,32,2", "32,32,4", "16,32,2", "32,64,4", "64,32,4", "32,16,1", "16,16,1", "64,64,4")
+TILES = ("16,64,4", "32,64,4", "8,64,2", "16,128,4", "32,32,4", "64,64,8", "16,32,2", "32,128,8")
 
 
 def tune(gen, log, b=8192, k=128) -> list[dict]:
-    """Hierarchical op (fwd+bwd) time per (K_BLOCK, BLOCK_D, warps) tile at one shape."""
+    """Hierarchical op (fwd+bwd) time per (BLOCK_B, BLOCK_D, warps) tile at one shape."""
     import os
 
     vals0, idx = random_sparse(b, k, F, "cuda", gen)
@@ -339,7 +339,7 @@ def tune(gen, log, b=8192, k=128) -> list[dict]:
         log(f"tune tile {tile}: {ms:.3f} ms")
     best = min(rows, key=lambda r: r["ms"])["variant"].split()[1]
     os.environ["SAE_KERNELS_HIER_TILE"] = best  # the rest of this run uses the fastest tile
-    log(f"tune: using tile {best} (K_BLOCK, BLOCK_D, warps) for the rest of the run")
+    log(f"tune: using tile {best} (BLOCK_B, BLOCK_D, warps) for the rest of the run")
     return rows
 
 

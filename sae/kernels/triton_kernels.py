@@ -116,7 +116,7 @@ def hierarchical_kernel(
     w_ptr,
     bdec_ptr,
     x_ptr,
-    K,
+    B,
     D,
     d_start,
     d_end,
@@ -130,92 +130,83 @@ def hierarchical_kernel(
     stride_gv,
     stride_gr,
     stride_gw_item,
+    K: tl.constexpr,
     WANT_GRAD: tl.constexpr,
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
-    K_BLOCK: tl.constexpr,
-    NUM_KB: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Hierarchical loss on one (row, D-chunk), plus its gradients, in two sweeps over K.
+    """Hierarchical loss on a (BLOCK_B rows, BLOCK_D columns) tile, plus its gradients.
 
-    With A_i = v_i e_i and r_0 = x − b_dec, the residuals are R_j = r_0 − Σ_{i≤j} A_i. Sweep 1
-    walks K in blocks of K_BLOCK rows carrying the running residual: the loss partial
-    Σ_{j∈J} ||R_j||² and T = Σ_{j∈J} R_j. Sweep 2 (gradients only) walks again, now also
-    carrying S_i = Σ_{j≥i, j∈J} R_j = T − Σ_{j<i, j∈J} R_j, so dL/dv_i ∝ <S_i, e_i>,
-    dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Only (K_BLOCK, BLOCK_D) tiles live in registers;
-    the second sweep re-reads this row's dictionary rows, which are still in cache.
+    With A_i = v_i e_i and r_0 = x − b_dec, the residuals are R_j = r_0 − Σ_{i≤j} A_i. Each
+    step of a sweep over i updates the whole tile elementwise (rows are independent, so no scan
+    over K is needed): sweep 1 accumulates Σ_{j∈J} ||R_j||² and T = Σ_{j∈J} R_j; sweep 2
+    (gradients only) carries S_i = T − Σ_{j<i, j∈J} R_j = Σ_{j≥i, j∈J} R_j, so dL/dv_i ∝
+    <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Sweep 2 re-reads the rows, from cache.
     Unscaled partials are written; the caller applies −2/(B|J|) (gw_scale here, on the scatter).
     GW_MODE 0: no weight grad; 1: atomics into gw[idx]; 2: store v_i S_i to gw[b·K + i] (a
     (B·K, d_end − d_start) buffer later segment-reduced, for determinism).
     """
-    b, c, offs_kb, _mk, offs_d, md = _tile(K, d_start, d_end, K_BLOCK, BLOCK_D)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = offs_b < B
+    offs_b = offs_b.to(tl.int64)
+    c = tl.program_id(1)
     chunk = d_start // BLOCK_D + c
-    r0 = tl.load(x_ptr + b * stride_x + offs_d, mask=md, other=0.0).to(tl.float32)
-    r0 -= tl.load(bdec_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < d_end
+    m2 = mb[:, None] & md[None, :]
+    r0 = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(
+        tl.float32
+    )
+    r0 -= tl.load(bdec_ptr + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
     r = r0
-    t = tl.zeros([BLOCK_D], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for kb in range(NUM_KB):  # constexpr trip count: Triton pipelines the next block's gather
-        k0 = kb * K_BLOCK
-        offs_k = k0 + offs_kb
-        mk = offs_k < K
-        j = offs_k + 1
-        in_j = mk & ((j == 1) | ((j % every) == 0))
-        v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
-        ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
-        m2 = mk[:, None] & md[None, :]
-        a = v[:, None] * tl.load(
-            w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0
-        ).to(tl.float32)
-        rr = r[None, :] - tl.cumsum(a, axis=0)
-        rj = tl.where(in_j[:, None], rr, 0.0)
-        sq += tl.sum(rj * rr, axis=0)
-        t += tl.sum(rj, axis=0)
-        r -= tl.sum(a, axis=0)
-    tl.store(loss_part_ptr + chunk * tl.num_programs(0) + b, tl.sum(sq))
+    t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for i in range(K):
+        in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
+        v = tl.load(vals_ptr + offs_b * stride_v + i, mask=mb, other=0.0).to(tl.float32)
+        ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=mb, other=0).to(tl.int64)
+        e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0)
+        r -= v[:, None] * e.to(tl.float32)
+        if in_j:
+            sq += r * r
+            t += r
+    tl.store(loss_part_ptr + chunk * B + offs_b, tl.sum(sq, axis=1), mask=mb)
     if WANT_GRAD:
-        tl.store(gr_ptr + b * stride_gr + offs_d, t, mask=md)
+        tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
-        for kb in range(NUM_KB):
-            k0 = kb * K_BLOCK
-            offs_k = k0 + offs_kb
-            mk = offs_k < K
-            j = offs_k + 1
-            in_j = mk & ((j == 1) | ((j % every) == 0))
-            v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
-            ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
-            m2 = mk[:, None] & md[None, :]
+        for i in range(K):
+            in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
+            v = tl.load(vals_ptr + offs_b * stride_v + i, mask=mb, other=0.0).to(tl.float32)
+            ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=mb, other=0).to(tl.int64)
             e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0).to(
                 tl.float32
             )
-            a = v[:, None] * e
-            rr = r[None, :] - tl.cumsum(a, axis=0)
-            rj = tl.where(in_j[:, None], rr, 0.0)
-            ss = s[None, :] - tl.cumsum(rj, axis=0) + rj
-            dots = tl.sum(ss * e, axis=1)
+            dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
-                tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
+                tl.atomic_add(gv_ptr + offs_b * stride_gv + i, dots, mask=mb, sem="relaxed")
             else:
-                tl.store(gv_ptr + chunk * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
+                tl.store(gv_ptr + chunk * stride_gv_chunk + offs_b * stride_gv + i, dots, mask=mb)
             if GW_MODE == 1:
                 tl.atomic_add(
                     gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
-                    (gw_scale * v)[:, None] * ss,
+                    (gw_scale * v)[:, None] * s,
                     mask=m2,
                     sem="relaxed",
                 )
             if GW_MODE == 2:
-                rows = b * K + offs_k
+                rows = offs_b * K + i
                 cols = offs_d - d_start
                 tl.store(
                     gw_ptr + rows[:, None] * stride_gw_item + cols[None, :],
-                    (gw_scale * v)[:, None] * ss,
+                    (gw_scale * v)[:, None] * s,
                     mask=m2,
                 )
-            s -= tl.sum(rj, axis=0)
-            r -= tl.sum(a, axis=0)
+            r -= v[:, None] * e
+            if in_j:
+                s -= r
 
 
 @triton.jit

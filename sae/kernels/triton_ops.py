@@ -39,19 +39,18 @@ def _geometry(k: int, d: int) -> tuple[int, int, int]:
 
 
 def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
-    """(K_BLOCK, BLOCK_D, num_warps) of the hierarchical kernel's sweeps over K.
+    """(BLOCK_B, BLOCK_D, num_warps) of the hierarchical kernel: rows x columns per program.
 
-    Small (K_BLOCK, BLOCK_D) tiles: the in-register cumsums over K stay inside a warp's reach
-    (a first version held all K rows at once and spent most of its time in the scans).
-    SAE_KERNELS_HIER_TILE="kb,bd,warps" overrides, for tuning runs.
+    The kernel steps over K with the tile's rows independent (no scan over K): earlier versions
+    that held K rows of one token per tile spent most of their time in tl.cumsum over K.
+    SAE_KERNELS_HIER_TILE="bb,bd,warps" overrides, for tuning runs.
     """
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     override = os.environ.get("SAE_KERNELS_HIER_TILE")
-    kb, bd, warps = (int(v) for v in override.split(",")) if override else (32, 32, 2)
-    kb = max(2, min(kb, triton.next_power_of_2(k)))
+    bb, bd, warps = (int(v) for v in override.split(",")) if override else (16, 64, 4)
     bd = max(16, min(bd, triton.next_power_of_2(d)))
-    return kb, bd, warps
+    return bb, bd, warps
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -216,7 +215,7 @@ class HierarchicalLoss(torch.autograd.Function):
         n, k = idx.shape
         d = w_dec.shape[1]
         n_j = len(loss_indices(k, every))
-        k_block, block_d, warps = _hier_geometry(k, d)
+        block_b, block_d, warps = _hier_geometry(k, d)
         n_chunks = triton.cdiv(d, block_d)
         dev = w_dec.device
         loss_part = _new((n_chunks, n), torch.float32, dev)
@@ -233,7 +232,7 @@ class HierarchicalLoss(torch.autograd.Function):
         scale = -2.0 / max(n * n_j, 1)
 
         def launch(d_start, d_end, gw_mode, gw_buf):
-            grid = (n, triton.cdiv(d_end - d_start, block_d))
+            grid = (triton.cdiv(n, block_b), triton.cdiv(d_end - d_start, block_d))
             hierarchical_kernel[grid](
                 loss_part,
                 gv if gv is not None else loss_part,
@@ -244,7 +243,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 w_dec,
                 b_dec,
                 x,
-                k,
+                n,
                 d,
                 d_start,
                 d_end,
@@ -258,11 +257,11 @@ class HierarchicalLoss(torch.autograd.Function):
                 k,
                 d,
                 gw_buf.stride(0) if gw_buf is not None else 0,
+                K=k,
                 WANT_GRAD=want_grad,
                 GW_MODE=gw_mode,
                 GV_ATOMIC=not deterministic,
-                K_BLOCK=k_block,
-                NUM_KB=triton.cdiv(k, k_block),
+                BLOCK_B=block_b,
                 BLOCK_D=block_d,
                 num_warps=warps,
             )
