@@ -96,6 +96,9 @@ def test_finished_run_extends_with_more_tokens(tmp_path):
     train(_config(out, "memory", "topk", tokens=64 * 10, decay_fraction=0.0), make())
     summary = train(_config(out, "memory", "topk", resume=True, decay_fraction=0.0), make())
     assert summary["steps"] == 20
+    metrics = (out / "metrics.jsonl").read_text()
+    train(_config(out, "memory", "topk", resume=True, decay_fraction=0.0), make())  # no-op
+    assert (out / "metrics.jsonl").read_text() == metrics
     direct = tmp_path / "direct"
     train(_config(direct, "memory", "topk", decay_fraction=0.0), make())
     for name, tensor in load_sae(direct).state_dict().items():

@@ -439,7 +439,7 @@ class Trainer:
             **(ev or {"fvu": None, "l0": None, "dead": None}),
         }
         if self.info.is_main:
-            if ev is not None:
+            if ev is not None and self.step > start_step:  # a no-op resume logs nothing twice
                 self._log({"step": self.step, "split": "heldout", **ev})
             self.sae.save(self.out)
             (self.out / CONFIG_FILE).write_text(cfg.to_json())
