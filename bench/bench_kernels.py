@@ -410,6 +410,8 @@ def main() -> None:
     results: dict[str, list] = {}
     if "check" in parts:
         results["check"] = check(gen, log)
+    if "tune" in parts:
+        results["tune"] = tune(gen, log)
     if "op" in parts:
         results["op"] = [
             r for b in batches for k in ks for r in time_op(b, k, gen, log, args.op_skip.split(","))
@@ -419,8 +421,6 @@ def main() -> None:
         results["step"] = [
             r for b in batches for k in ks for r in time_step(b, k, gen, log, variants)
         ]
-    if "tune" in parts:
-        results["tune"] = tune(gen, log)
     if "profile" in parts:
         profile(gen, log)
     (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))

@@ -106,6 +106,20 @@ def scatter_rows_kernel(
 
 
 @triton.jit
+def _step_rows(
+    vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, i, K, stride_v, stride_i, stride_w
+):
+    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk), zeros past K."""
+    ok = mb & (i < K)
+    v = tl.load(vals_ptr + offs_b * stride_v + i, mask=ok, other=0.0).to(tl.float32)
+    ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=ok, other=0).to(tl.int64)
+    e = tl.load(
+        w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=ok[:, None] & md[None, :], other=0.0
+    ).to(tl.float32)
+    return v, ids, e
+
+
+@triton.jit
 def hierarchical_kernel(
     loss_part_ptr,
     gv_ptr,
@@ -163,26 +177,44 @@ def hierarchical_kernel(
     r = r0
     t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    # Each step issues the next step's gather before using the current one (one step of
+    # look-ahead), so a row block's dependent index -> row loads overlap with the arithmetic.
+    v, ids, e = _step_rows(
+        vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w
+    )
     for i in range(K):
         in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-        v = tl.load(vals_ptr + offs_b * stride_v + i, mask=mb, other=0.0).to(tl.float32)
-        ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=mb, other=0).to(tl.int64)
-        e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0)
-        r -= v[:, None] * e.to(tl.float32)
+        v_n, ids_n, e_n = _step_rows(
+            vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, i + 1, K, stride_v, stride_i, stride_w
+        )
+        r -= v[:, None] * e
         if in_j:
             sq += r * r
             t += r
+        v, ids, e = v_n, ids_n, e_n
     tl.store(loss_part_ptr + chunk * B + offs_b, tl.sum(sq, axis=1), mask=mb)
     if WANT_GRAD:
         tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
+        v, ids, e = _step_rows(
+            vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w
+        )
         for i in range(K):
             in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-            v = tl.load(vals_ptr + offs_b * stride_v + i, mask=mb, other=0.0).to(tl.float32)
-            ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=mb, other=0).to(tl.int64)
-            e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0).to(
-                tl.float32
+            v_n, ids_n, e_n = _step_rows(
+                vals_ptr,
+                idx_ptr,
+                w_ptr,
+                offs_b,
+                mb,
+                offs_d,
+                md,
+                i + 1,
+                K,
+                stride_v,
+                stride_i,
+                stride_w,
             )
             dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
@@ -207,6 +239,7 @@ def hierarchical_kernel(
             r -= v[:, None] * e
             if in_j:
                 s -= r
+            v, ids, e = v_n, ids_n, e_n
 
 
 @triton.jit
