@@ -142,6 +142,11 @@ def time_harvest(lm, tokenizer, args, out: str) -> float:
     )
     report = run_harvest(config, lm=lm, tokenizer=tokenizer)
     assert report.committed == args.harvest_tokens, report
+    print(
+        f"  harvest {report.seconds:.1f} s, main thread waited for the store "
+        f"{report.store_wait_s:.1f} s, inside writer.append {report.append_s:.1f} s",
+        flush=True,
+    )
     return report.committed / report.seconds
 
 
@@ -164,9 +169,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from sae.harvest.model import cut_at_layer
+    from sae.harvest.model import cut_at_layer, resolve_device
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     batches = token_batches(
         args.corpus, tokenizer, args.context, args.batch, args.forward_batches, device
@@ -180,6 +185,7 @@ def main() -> None:
         time_naive(model, batches[: args.naive_batches], args.layer, Path(args.out) / "naive")
         for _ in range(2)
     ]
+    print(f"naive: {naive[0]:,.0f} {naive[1]:,.0f} tok/s", flush=True)
     # (a) and the harvest on the model cut after block `layer`, interleaved.
     lm = cut_at_layer(model, args.layer, device=device)
     time_forward_alone(lm, batches[:3])

@@ -40,12 +40,17 @@ def hook_name(layer: int) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> this process's CUDA device (LOCAL_RANK under torchrun) if there is one, else CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            import os
+    """``auto`` -> this process's GPU (LOCAL_RANK under torchrun) if there is one, else CPU.
 
+    ``cuda`` without an index also means this process's GPU.
+    """
+    import os
+
+    if device in ("auto", "cuda"):
+        if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device == "cuda":
+            raise SaeError("--device cuda: no CUDA GPU is visible; use --device cpu")
         return torch.device("cpu")
     try:
         return torch.device(device)

@@ -66,6 +66,8 @@ class HarvestReport:
     resumed_from: int
     seconds: float
     exhausted: bool  # the dataset ran out before the budget
+    store_wait_s: float = 0.0  # main thread waited for the store (disk or CPU slower than GPU)
+    append_s: float = 0.0  # time inside writer.append (host copy, float16 conversion, stats)
 
 
 def batched(windows: Iterator[Window], batch_size: int) -> Iterator[Batch]:
@@ -212,7 +214,7 @@ def run_harvest(
         )
         batches = Prefetcher(batched(windows, config.batch_size), depth=8)
         try:
-            exhausted = _harvest_loop(
+            exhausted, feeder = _harvest_loop(
                 lm,
                 writer,
                 batches,
@@ -232,6 +234,8 @@ def run_harvest(
         resumed_from=committed,
         seconds=time.perf_counter() - start_time,
         exhausted=exhausted,
+        store_wait_s=feeder.wait_s,
+        append_s=feeder.append_s,
     )
 
 
@@ -248,6 +252,8 @@ class StoreFeeder:
         self.on_appended = on_appended
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.wait_s = 0.0  # main thread blocked because the store lags (queue full)
+        self.append_s = 0.0  # time spent inside writer.append
         if threaded:
             self.queue: queue.Queue = queue.Queue(maxsize=depth)
             self.thread = threading.Thread(target=self._run, name="harvest-feeder", daemon=True)
@@ -258,7 +264,9 @@ class StoreFeeder:
         if self.thread is None:
             self._append(item)
         else:
+            start = time.perf_counter()
             self.queue.put(item)
+            self.wait_s += time.perf_counter() - start
 
     def finish(self) -> None:
         """Wait until everything handed over is appended (or failed)."""
@@ -270,7 +278,9 @@ class StoreFeeder:
     def _append(self, item: _Pending) -> None:
         if item.event is not None:
             item.event.synchronize()
+        start = time.perf_counter()
         self.writer.append(item.acts, item.token_ids, item.positions, state=item.state)
+        self.append_s += time.perf_counter() - start
         self.on_appended(len(item.token_ids))
 
     def _run(self) -> None:
@@ -295,8 +305,8 @@ def _harvest_loop(
     *,
     drop: int,
     stream_rows: int,
-) -> bool:
-    """Run every batch this rank still needs; returns True if the dataset ran out first."""
+) -> tuple[bool, StoreFeeder]:
+    """Run every batch this rank still needs; (dataset ran out first, the feeder's timings)."""
     from sae.progress import make_progress
     from sae.units import format_bytes
 
@@ -378,7 +388,7 @@ def _harvest_loop(
         finally:
             if show:
                 progress.stop()
-    return remaining > 0
+    return remaining > 0, feeder
 
 
 def _kill_when_committed(writer, rows: int, timeout: float = 30.0) -> None:
