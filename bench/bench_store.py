@@ -193,6 +193,40 @@ def compression(rows: int = 16384) -> list[dict]:
     return out
 
 
+def real_compression(gguf: str, text_files: list[str], tokens: int = 4096, layer: int = 16) -> dict:
+    """Codec ratios on a real model's residual stream (CPU): float32 outputs, and the same rounded
+    to bfloat16 first (what a model computing in bf16 writes)."""
+    import numcodecs
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    text = "".join(Path(f).read_text() for f in text_files)
+    ids = tok(text, return_tensors="pt").input_ids[:, :tokens]
+    with torch.no_grad():
+        acts = torch.cat(
+            [
+                model(ids[:, i : i + 512], output_hidden_states=True).hidden_states[layer][0]
+                for i in range(0, ids.shape[1], 512)
+            ]
+        )
+    codecs = {
+        "zstd-3": numcodecs.Zstd(3),
+        "blosc-zstd3-bitshuffle": numcodecs.Blosc(
+            "zstd", 3, numcodecs.Blosc.BITSHUFFLE, typesize=2
+        ),
+        "blosc-lz4-bitshuffle": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE, typesize=2),
+        "blosc-zstd3-shuffle": numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE, typesize=2),
+    }
+    out: dict = {"rows": int(acts.shape[0]), "d_model": int(acts.shape[1])}
+    for label, y in (("float32", acts), ("bf16-rounded", acts.to(torch.bfloat16).float())):
+        raw = y.half().numpy().tobytes()
+        out[label] = {k: round(len(raw) / len(c.encode(raw)), 3) for k, c in codecs.items()}
+        out[label]["max_abs"] = float(y.abs().max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/bench-store")
@@ -201,7 +235,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--real-gguf", default=None, help="only measure codecs on this model's layer")
+    ap.add_argument("--text", nargs="*", default=["README.md"])
     args = ap.parse_args()
+    if args.real_gguf:
+        print(json.dumps(real_compression(args.real_gguf, args.text), indent=1))
+        return
     results: dict = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpus": os.cpu_count(),
