@@ -400,6 +400,10 @@ def test_fp16_overflow_and_nonfinite_counted(tmp_path):
 def test_bad_paths_are_clear_errors(tmp_path):
     with pytest.raises(SaeError, match="does not exist"):
         open_cache(str(tmp_path / "nope"))
+    with pytest.raises(SaeError, match="cannot open 'nosuch://x/y'"):
+        open_cache("nosuch://x/y")
+    with pytest.raises(SaeError, match="no zarr.json"):
+        open_cache(f"memory://absent-{uuid.uuid4().hex}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SaeError, match="not an sae activation cache"):
         open_cache(str(tmp_path / "empty"))

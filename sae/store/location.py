@@ -36,7 +36,14 @@ class Location:
     def _fs(self) -> tuple[Any, str]:
         import fsspec
 
-        return fsspec.core.url_to_fs(self.url)
+        try:
+            return fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as err:
+            scheme = self.url.split("://", 1)[0]
+            raise SaeError(
+                f"cannot open {self.url!r}: {err}. For {scheme}:// install its fsspec backend "
+                f"(e.g. pip install s3fs for s3://)"
+            ) from None
 
     def read_json(self, key: str) -> dict | None:
         """The JSON object stored at `key` under the cache root, or None if absent."""
