@@ -402,7 +402,7 @@ def test_bad_paths_are_clear_errors(tmp_path):
         open_cache(str(tmp_path / "nope"))
     with pytest.raises(SaeError, match="cannot open 'nosuch://x/y'"):
         open_cache("nosuch://x/y")
-    with pytest.raises(SaeError, match="no zarr.json"):
+    with pytest.raises(SaeError, match=r"no zarr\.json"):
         open_cache(f"memory://absent-{uuid.uuid4().hex}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SaeError, match="not an sae activation cache"):
