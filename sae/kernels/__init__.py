@@ -48,19 +48,22 @@ def topk_encode(
     b_enc: torch.Tensor,
     k: int,
     *,
+    b_pre: torch.Tensor | None = None,
     backend: str | None = None,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """relu(top-k of x @ W_enc.T + b_enc) per row: (vals sorted descending, idx).
+    """relu(top-k of (x − b_pre) @ W_enc.T + b_enc) per row: (vals sorted descending, idx).
 
     The matmul and top-k run in PyTorch (cuBLAS); the backward never forms a dense (B, F)
     gradient: W_enc's and b_enc's gradients are scatter-adds of the (B, K) sparse gradient.
+    Pass the centring bias as `b_pre` (rather than x − b_dec) when x needs no gradient: b_pre's
+    gradient is then one GEMV instead of a (B, D) gather over W_enc (2 ms at B=8192, K=128).
     """
     if not _use_triton(x, backend):
-        return reference.topk_encode(x, W_enc, b_enc, k)
+        return reference.topk_encode(x if b_pre is None else x - b_pre, W_enc, b_enc, k)
     from sae.kernels.triton_ops import TopKEncode
 
-    return TopKEncode.apply(x, W_enc, b_enc, k, deterministic)
+    return TopKEncode.apply(x, W_enc, b_enc, b_pre, k, deterministic)
 
 
 def topk_decode(

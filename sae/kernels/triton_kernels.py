@@ -1,9 +1,11 @@
 """Triton kernels for the sparse SAE ops (written from the math in docs/kernels-notes.md).
 
-Layout shared by every row kernel: one program per (batch row b, D-chunk c), holding the row's
-K gathered dictionary rows for that chunk as a [K_PAD, BLOCK_D] register tile. The grid is
-(rows, chunks) with rows fastest, so the programs resident at any moment all read the same
-D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2 while the batch sweeps over it.
+Layout of the decode / scatter kernels: one program per (batch row b, D-chunk c), holding the
+row's K gathered dictionary rows for that chunk as a [K_PAD, BLOCK_D] register tile. The
+hierarchical kernel instead owns (BLOCK_B rows, BLOCK_D columns) and steps over K (see its
+docstring). Grids are (rows, chunks) with rows fastest, so the programs resident at any moment
+all read the same D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2 while the batch
+sweeps over it.
 
 Scatter-adds into the (F, D) weight gradients come in two flavours: atomics from the row kernels
 (fast, order-dependent), or a segment reduction over the (b, k) pairs sorted by latent

@@ -332,10 +332,16 @@ class TopKDecode(torch.autograd.Function):
 
 
 class TopKEncode(torch.autograd.Function):
-    """relu(top-k(x W_encᵀ + b_enc)); backward from the sparse (B, K) gradient only."""
+    """relu(top-k((x − b_pre) W_encᵀ + b_enc)); backward from the sparse (B, K) gradient only.
+
+    With b_pre given and x not requiring grad (the trainer's x = target − b_dec), b_pre's
+    gradient is −(db_enc @ W_enc), one (F,)·(F, D) product, instead of a (B, D) gather over W_enc.
+    """
 
     @staticmethod
-    def forward(ctx, x, w_enc, b_enc, k, deterministic):
+    def forward(ctx, x, w_enc, b_enc, b_pre, k, deterministic):
+        if b_pre is not None:
+            x = x - b_pre
         # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
         # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
         pre = torch.addmm(b_enc.to(x.dtype), x, w_enc.to(x.dtype).T)
@@ -345,27 +351,31 @@ class TopKEncode(torch.autograd.Function):
         ctx.save_for_backward(x, w_enc, idx, vals)
         ctx.deterministic = deterministic
         ctx.b_dtype = b_enc.dtype
+        ctx.pre_dtype = b_pre.dtype if b_pre is not None else None
         ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx):
         x, w_enc, idx, vals = ctx.saved_tensors
-        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_pre, _, _ = ctx.needs_input_grad
         g = (grad_vals.float() * (vals > 0)).contiguous()
         x = x.contiguous()
-        g_x = g_w = g_b = None
+        g_x = g_w = g_b = g_pre = None
         if need_x:
             g_x = sparse_decode(g, idx, w_enc.contiguous(), None, x.dtype)
         if need_w:
             gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic)
             g_w = gw.to(w_enc.dtype)
-        if need_b:
+        if need_b or need_pre:
             f = w_enc.shape[0]
             if ctx.deterministic:
-                g_b = _segment_sum(g, latent_segments(idx), f).to(ctx.b_dtype)
+                per_latent = _segment_sum(g, latent_segments(idx), f).float()
             else:
-                g_b = torch.zeros(f, dtype=torch.float32, device=g.device)
-                g_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
-                g_b = g_b.to(ctx.b_dtype)
-        return g_x, g_w, g_b, None, None
+                per_latent = torch.zeros(f, dtype=torch.float32, device=g.device)
+                per_latent.index_add_(0, idx.reshape(-1), g.reshape(-1))
+            if need_b:
+                g_b = per_latent.to(ctx.b_dtype)
+            if need_pre:
+                g_pre = -(per_latent @ w_enc.float()).to(ctx.pre_dtype)
+        return g_x, g_w, g_b, g_pre, None, None
