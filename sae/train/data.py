@@ -84,7 +84,10 @@ class CacheSource:
         }
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
-        return self.cache.sample(min(n, self.n_train_tokens), seed=seed, split="train")
+        # Position-0 rows are dropped from the split; counting every BOS row of the cache gives a
+        # safe lower bound on the rows the train split keeps.
+        kept = self.n_train_tokens - len(self.cache.bos_rows())
+        return self.cache.sample(max(1, min(n, kept)), seed=seed, split="train")
 
     def heldout(self, n: int) -> torch.Tensor:
         if self.n_heldout == 0:
