@@ -17,7 +17,7 @@ def demo(
     ),
     layer: int = typer.Option(15, "--layer", help="Block whose output is harvested."),
     tokens: str = typer.Option(
-        None, "--tokens", help="Tokens to harvest (default 100K on CPU, 4M on GPU)."
+        None, "--tokens", help="Tokens to harvest (default 80K on CPU, 4M on GPU)."
     ),
     dataset: str = typer.Option(
         "python-docs", "--dataset", help="Text: python-docs (offline), a local file/folder, or hub."

@@ -61,11 +61,11 @@ class DemoPlan:
         return cls(
             model=model,
             layer=layer,
-            tokens=tokens or (4_000_000 if gpu else 100_000),
+            tokens=tokens or (4_000_000 if gpu else 80_000),
             context=1024 if gpu else 256,
             expansion=16 if gpu else 8,
             batch=4096 if gpu else 1024,
-            epochs=1,
+            epochs=1 if gpu else 2,
             eval_ks=[1, 2, 4, 8, 16, 32, 64, 128],
             saes=saes,
         )
