@@ -169,7 +169,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from sae.harvest.model import cut_at_layer, resolve_device
+    from sae.harvest.model import cut_at_layer
+    from sae.runtime import resolve_device
 
     device = resolve_device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

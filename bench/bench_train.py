@@ -94,10 +94,10 @@ def time_windows(fn, device, warmup: int, windows: int, per_window: int) -> floa
 def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[float, float]:
     """Median seconds of one training step, and of fwd+bwd alone, on GPU-resident batches."""
     from sae.kernels import hierarchical_loss, topk_encode
-    from sae.train.distributed import DistInfo
+    from sae.runtime import RankInfo
     from sae.train.trainer import Trainer
 
-    trainer = Trainer(cfg, source, DistInfo(), device)
+    trainer = Trainer(cfg, source, RankInfo(), device)
     batch = shape["batch"]
     batches = [
         torch.from_numpy(source.cache.read_rows(i * batch, (i + 1) * batch)).to(device).float()

@@ -31,8 +31,8 @@ def demo(
     from sae.cli import app
     from sae.demo.plan import DemoPlan, embedded_model
     from sae.demo.report import write_report
-    from sae.harvest.model import resolve_device
     from sae.progress import console
+    from sae.runtime import resolve_device
     from sae.units import format_count, parse_count
 
     started = time.perf_counter()

@@ -103,7 +103,7 @@ def eval_command(
 
 
 def _device(device: str):
-    from sae.harvest.model import resolve_device
+    from sae.runtime import resolve_device
 
     return resolve_device(device)
 

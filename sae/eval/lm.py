@@ -66,9 +66,9 @@ def load_lm(model: str, layer: int, d_model: int, *, device: str, dtype: str) ->
         _load_error,
         _pretrained_args,
         load_tokenizer,
-        resolve_device,
         resolve_dtype,
     )
+    from sae.runtime import resolve_device
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

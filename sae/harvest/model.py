@@ -39,27 +39,6 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> this process's GPU (LOCAL_RANK under torchrun) if there is one, else CPU.
-
-    ``cuda`` without an index also means this process's GPU.
-    """
-    import os
-
-    if device in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device == "cuda":
-            raise SaeError("--device cuda: no CUDA GPU is visible; use --device cpu")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SaeError(
-            f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
     if dtype == "auto":

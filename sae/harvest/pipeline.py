@@ -33,12 +33,11 @@ from sae.harvest.model import (
     hook_name,
     load_layer_model,
     load_tokenizer,
-    resolve_device,
     resolve_dtype,
 )
 from sae.harvest.packing import Prefetcher, StreamPos, Window, pack_windows
-from sae.harvest.ranks import RankInfo, rank_info
 from sae.harvest.text import HubSource, TextSource, open_source
+from sae.runtime import RankInfo, rank_info, resolve_device
 
 # Fault injection for the resume test: SIGKILL this process once this many rows are committed.
 KILL_ENV = "SAE_HARVEST_TEST_KILL_AT_ROWS"

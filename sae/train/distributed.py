@@ -6,45 +6,26 @@ makes a step equal to one process's step on the concatenated global batch.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from sae.runtime import RankInfo, rank_info
 
 
-def setup(device: str) -> DistInfo:
+def setup(device: str) -> RankInfo:
     """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); else rank 0 of 1."""
+    env = rank_info()
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    local = _local_rank()
+        return RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+    if env.world_size <= 1:
+        return RankInfo()
     if device.startswith("cuda"):
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(env.local_rank)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
 
 
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+def average_gradients(params: list[torch.nn.Parameter], info: RankInfo) -> None:
     """All-reduce the gradients as one flat buffer and divide by the world size."""
     if info.world_size == 1:
         return
@@ -58,7 +39,7 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += g.numel()
 
 
-def any_rank(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def any_rank(flag: torch.Tensor, info: RankInfo) -> torch.Tensor:
     """Element-wise OR of a bool tensor over ranks (e.g. which latents fired anywhere)."""
     if info.world_size == 1:
         return flag
@@ -67,7 +48,7 @@ def any_rank(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return as_int.bool()
 
 
-def max_over_ranks(value: int, info: DistInfo, device) -> int:
+def max_over_ranks(value: int, info: RankInfo, device) -> int:
     """Largest of one integer across ranks (so every rank takes the same decision)."""
     if info.world_size == 1:
         return value
@@ -76,7 +57,7 @@ def max_over_ranks(value: int, info: DistInfo, device) -> int:
     return int(t.item())
 
 
-def gather_objects(obj, info: DistInfo) -> list:
+def gather_objects(obj, info: RankInfo) -> list:
     """Every rank's JSON-like object, in rank order (each rank's reader cursor and RNG)."""
     if info.world_size == 1:
         return [obj]
@@ -85,7 +66,7 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
-def mean_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def mean_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:
     """Average of a tensor over ranks (for logged metrics)."""
     if info.world_size == 1:
         return t
@@ -94,6 +75,6 @@ def mean_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t / info.world_size
 
 
-def barrier(info: DistInfo) -> None:
+def barrier(info: RankInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from sae.errors import SaeError
+from sae.runtime import RankInfo, resolve_device
 from sae.train import distributed as ddp
 from sae.train.archs import Forward, auxk_loss, forward
 from sae.train.checkpoint import (
@@ -30,20 +30,6 @@ from sae.train.model import CONFIG_FILE, SparseAutoencoder
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' → this rank's GPU if there is one, else CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SaeError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SaeError(f"--device: cannot use {device!r}; write cpu, cuda or cuda:N") from None
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
@@ -73,7 +59,7 @@ class Trainer:
     """One training run (one rank of it under torchrun)."""
 
     def __init__(
-        self, cfg: TrainConfig, source: DataSource, info: ddp.DistInfo, device: torch.device
+        self, cfg: TrainConfig, source: DataSource, info: RankInfo, device: torch.device
     ) -> None:
         self.cfg, self.source, self.info, self.device = cfg, source, info, device
         self.out = Path(cfg.out)
@@ -453,7 +439,7 @@ class Trainer:
 def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
     """Run `sae train` for this process (one rank under torchrun); returns the summary."""
     cfg.validate_options()
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.device)
     info = ddp.setup(str(device))
     if source is None:
         source = CacheSource(cfg.cache)

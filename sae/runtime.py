@@ -1,0 +1,68 @@
+"""Where this process runs: its torchrun rank (RANK, WORLD_SIZE, LOCAL_RANK) and its device.
+
+One place for both so that harvest, train, eval and demo agree on what `--device cuda` means
+under torchrun (this rank's GPU) and reject a broken environment with the same message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sae.errors import SaeError
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SaeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def rank_info() -> RankInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (a plain run is rank 0 of 1)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise SaeError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+    return RankInfo(rank, world, local)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> this process's GPU (LOCAL_RANK under torchrun) if there is one, else CPU.
+
+    ``cuda`` without an index also means this process's GPU.
+    """
+    if device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", rank_info().local_rank)
+        if device == "cuda":
+            raise SaeError("--device cuda: no CUDA GPU is visible; use --device cpu")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaeError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SaeError(
+            f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
