@@ -224,7 +224,7 @@ class Model:
 
 def ours_loss(m: Model, x, k, encode_only=False):
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        vals, idx = kernels.topk_encode(x - m.b_dec, m.w_enc, m.b_enc, k)
+        vals, idx = kernels.topk_encode(x, m.w_enc, m.b_enc, k, b_pre=m.b_dec)
     if encode_only:
         return vals.float().sum()
     return kernels.hierarchical_loss(vals, idx, m.w_dec, m.b_dec, x, 1)
@@ -378,6 +378,26 @@ def profile(gen, log, b=8192, k=128) -> None:
         log(f"profile {name} B={b} K={k} (5 calls)\n{table}")
 
 
+def start_run(out: Path, name: str):
+    """(log, generator): a timestamped logger to stdout and out/name.log, a freshly seeded
+    CUDA generator, and the versions and device written first."""
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    logf = (out / f"{name}.log").open("a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    gen = torch.Generator(device="cuda")
+    gen.seed()
+    return log, gen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -390,20 +410,7 @@ def main() -> None:
     )
     ap.add_argument("--op-skip", default="", help="comma-separated op variants to leave out")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    logf = (args.out / "bench_kernels.log").open("a")
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
-
-    import triton
-
-    log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
-    gen = torch.Generator(device="cuda")
-    gen.seed()
+    log, gen = start_run(args.out, "bench_kernels")
     parts = args.parts.split(",")
     ks = [int(v) for v in args.ks.split(",")]
     batches = [int(v) for v in args.batches.split(",")]

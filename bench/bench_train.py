@@ -111,7 +111,7 @@ def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[f
 
     def fwd_bwd() -> None:
         x = batches[0] * sae.cfg.input_scale
-        vals, idx = topk_encode(x - sae.b_dec, sae.W_enc, sae.b_enc, shape["k"])
+        vals, idx = topk_encode(x, sae.W_enc, sae.b_enc, shape["k"], b_pre=sae.b_dec)
         hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every).backward()
 
     return step_s, time_windows(fwd_bwd, device, 5, 5, 10)

@@ -88,6 +88,23 @@ def test_hierarchical_loss_matches_float64_reference(shape, every_kind, determin
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hierarchical_loss_when_d_is_a_multiple_of_the_tile(deterministic, gen):
+    """D = 128: no ragged D-chunk, the kernel's column-mask-free path."""
+    vals, idx, w, bias, x = sparse_inputs(9, 128, 50, 7, gen)
+    ours = leaves(vals, w, bias, x)
+    loss = kernels.hierarchical_loss(
+        ours[0], idx, ours[1], ours[2], ours[3], 2, backend="triton", deterministic=deterministic
+    )
+    loss.backward()
+    ref = leaves(vals, w, bias, x, dtype=torch.float64)
+    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], 2)
+    ref_loss.backward()
+    assert rel_err(loss, ref_loss) < TOL
+    for name, a, r in zip(("vals", "W_dec", "b_dec", "x"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
 def test_hierarchical_loss_bf16_activations_and_partial_grads(gen):
     b, d, f, k = 9, 75, 128, 24
     vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
@@ -171,6 +188,45 @@ def test_topk_encode_b_pre_gradient_matches_reference(deterministic, gen):
     assert rel_err(vals, ref_vals) < TOL
     for name, a, r in zip(("W_enc", "b_enc", "b_pre"), ours, ref, strict=True):
         assert rel_err(a.grad, r.grad) < TOL, name
+
+
+@pytest.mark.parametrize(
+    ("wgrad", "gv", "seg"),
+    [
+        ("atomic", "buffer", "latent"),
+        ("segment", "atomic", "latent"),
+        ("segment", "atomic", "chunk"),
+    ],
+)
+def test_accumulation_variants_match_float64_reference(wgrad, gv, seg, gen, monkeypatch):
+    """Both ways of accumulating W's gradient rows and dL/dvals (the benchmark's knobs).
+
+    40 rows x 5 of 6 latents: every latent's segment spans several BLOCK_P item blocks.
+    """
+    monkeypatch.setenv("SAE_KERNELS_WGRAD", wgrad)
+    b, d, f, k = 40, 37, 6, 5
+    vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
+    ours = leaves(vals, w, bias, x)
+    loss = kernels.hierarchical_loss(ours[0], idx, ours[1], ours[2], ours[3], backend="triton")
+    recon = kernels.topk_decode(ours[0], idx, ours[1], ours[2], backend="triton")
+    enc_vals, _ = kernels.topk_encode(ours[3], ours[1], ours[2][:1].expand(f), k, backend="triton")
+    (loss + recon.square().mean() + enc_vals.sum()).backward()
+    ref = leaves(vals, w, bias, x, dtype=torch.float64)
+    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], 1)
+    ref_recon = reference.topk_decode(ref[0], idx, ref[1], ref[2])
+    ref_enc, _ = reference.topk_encode(ref[3], ref[1], ref[2][:1].expand(f), k)
+    (ref_loss + ref_recon.square().mean() + ref_enc.sum()).backward()
+    assert rel_err(loss, ref_loss) < TOL
+    for name, a, r in zip(("vals", "W", "bias", "x"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
+def test_accumulation_knob_rejects_unknown_value(gen, monkeypatch):
+    monkeypatch.setenv("SAE_KERNELS_WGRAD", "fast")
+    vals, idx, w, bias, _ = sparse_inputs(3, 16, 8, 2, gen)
+    w.requires_grad_()
+    with pytest.raises(ValueError, match="SAE_KERNELS_WGRAD must be one of segment, atomic"):
+        kernels.topk_decode(vals, idx, w, bias, backend="triton").sum().backward()
 
 
 def test_deterministic_mode_repeats_bitwise(gen):

@@ -108,15 +108,39 @@ def scatter_rows_kernel(
 
 
 @triton.jit
+def _tile_mask(mb, md, EVEN_D: tl.constexpr):
+    """[rows, cols] mask; a column-constant one when the chunk has no ragged edge, so the
+    compiler can vectorise the row loads and the gradient's atomic adds along D."""
+    if EVEN_D:
+        return mb[:, None]
+    else:
+        return mb[:, None] & md[None, :]
+
+
+@triton.jit
 def _step_rows(
-    vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, i, K, stride_v, stride_i, stride_w
+    vals_ptr,
+    idx_ptr,
+    w_ptr,
+    offs_b,
+    mb,
+    offs_d,
+    md,
+    i,
+    K,
+    stride_v,
+    stride_i,
+    stride_w,
+    EVEN_D: tl.constexpr,
 ):
     """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk), zeros past K."""
     ok = mb & (i < K)
     v = tl.load(vals_ptr + offs_b * stride_v + i, mask=ok, other=0.0).to(tl.float32)
     ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=ok, other=0).to(tl.int64)
     e = tl.load(
-        w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=ok[:, None] & md[None, :], other=0.0
+        w_ptr + ids[:, None] * stride_w + offs_d[None, :],
+        mask=_tile_mask(ok, md, EVEN_D),
+        other=0.0,
     ).to(tl.float32)
     return v, ids, e
 
@@ -150,6 +174,7 @@ def hierarchical_kernel(
     WANT_GRAD: tl.constexpr,
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -171,7 +196,7 @@ def hierarchical_kernel(
     chunk = d_start // BLOCK_D + c
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
-    m2 = mb[:, None] & md[None, :]
+    m2 = _tile_mask(mb, md, EVEN_D)
     r0 = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(
         tl.float32
     )
@@ -182,12 +207,24 @@ def hierarchical_kernel(
     # Each step issues the next step's gather before using the current one (one step of
     # look-ahead), so a row block's dependent index -> row loads overlap with the arithmetic.
     v, ids, e = _step_rows(
-        vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w
+        vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w, EVEN_D
     )
     for i in range(K):
         in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
         v_n, ids_n, e_n = _step_rows(
-            vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, i + 1, K, stride_v, stride_i, stride_w
+            vals_ptr,
+            idx_ptr,
+            w_ptr,
+            offs_b,
+            mb,
+            offs_d,
+            md,
+            i + 1,
+            K,
+            stride_v,
+            stride_i,
+            stride_w,
+            EVEN_D,
         )
         r -= v[:, None] * e
         if in_j:
@@ -200,7 +237,19 @@ def hierarchical_kernel(
         r = r0
         s = t
         v, ids, e = _step_rows(
-            vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w
+            vals_ptr,
+            idx_ptr,
+            w_ptr,
+            offs_b,
+            mb,
+            offs_d,
+            md,
+            0,
+            K,
+            stride_v,
+            stride_i,
+            stride_w,
+            EVEN_D,
         )
         for i in range(K):
             in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
@@ -217,6 +266,7 @@ def hierarchical_kernel(
                 stride_v,
                 stride_i,
                 stride_w,
+                EVEN_D,
             )
             dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
@@ -259,33 +309,51 @@ def segment_rows_kernel(
     stride_src,
     stride_out,
     HAS_COEF: tl.constexpr,
+    HAS_LATENTS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Deterministic scatter-add: out[f_u] += Σ_{p in segment u} coef[item_p] · src[item_p // row_div].
+    """Scatter-add without atomics: out[f_u] (+)= Σ_{p in segment u} coef[item_p] · src[item_p // row_div].
 
     Items are the flattened (b, k) pairs sorted (stably) by latent; segment u holds latent f_u's
-    items, summed in that fixed order by this one program, so results repeat bit for bit.
+    items (f_u = latent_ptr[u], or u itself when every latent has a segment, empty or not). One
+    program sums one segment's rows for one D-chunk, BLOCK_P items at a time, in a fixed order:
+    each output row is written once (no zero-fill, no atomics) and results repeat bit for bit.
+    Grids run latents fastest so the programs resident together read one (rows, BLOCK_D) slice
+    of src, which stays in L2.
     """
     u = tl.program_id(0)
     c = tl.program_id(1)
     start = tl.load(seg_ptr + u)
     end = tl.load(seg_ptr + u + 1)
-    f = tl.load(latent_ptr + u).to(tl.int64)
+    if HAS_LATENTS:
+        f = tl.load(latent_ptr + u).to(tl.int64)
+    else:
+        f = u.to(tl.int64)
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     p = start
     while p < end:  # a while loop: data-dependent bounds (also what the interpreter accepts)
-        item = tl.load(order_ptr + p).to(tl.int64)
+        offs_p = p + tl.arange(0, BLOCK_P)
+        mp = offs_p < end
+        item = tl.load(order_ptr + offs_p, mask=mp, other=0).to(tl.int64)
         row = item // row_div
-        s = tl.load(src_ptr + row * stride_src + offs_d - src_col0, mask=md, other=0.0)
+        s = tl.load(
+            src_ptr + row[:, None] * stride_src + (offs_d - src_col0)[None, :],
+            mask=mp[:, None] & md[None, :],
+            other=0.0,
+        ).to(tl.float32)
         if HAS_COEF:
-            acc += tl.load(coef_ptr + item).to(tl.float32) * s.to(tl.float32)
-        else:
-            acc += s.to(tl.float32)
-        p += 1
+            s *= tl.load(coef_ptr + item, mask=mp, other=0.0).to(tl.float32)[:, None]
+        acc += s
+        p += BLOCK_P
+    total = tl.sum(acc, axis=0)
     ptrs = out_ptr + f * stride_out + offs_d
-    tl.store(ptrs, tl.load(ptrs, mask=md, other=0.0) + acc, mask=md)
+    if ACCUMULATE:
+        total += tl.load(ptrs, mask=md, other=0.0)
+    tl.store(ptrs, total, mask=md)
 
 
 @triton.jit

@@ -25,6 +25,8 @@ MAX_K = 1024
 # Tests set SAE_KERNELS_POISON=1: outputs the kernels must fully write start as NaN, so an
 # element a kernel forgot to write fails the comparison instead of passing as stale zeros.
 POISON_ENV = "SAE_KERNELS_POISON"
+# Benchmark knobs (read at call time): how W's gradient rows and dL/dvals are accumulated.
+WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 _TILE = 8192  # elements of the [K_PAD, BLOCK_D] register tile
 
 
@@ -48,7 +50,8 @@ def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     override = os.environ.get("SAE_KERNELS_HIER_TILE")
-    bb, bd, warps = (int(v) for v in override.split(",")) if override else (16, 64, 4)
+    # Tuned on the H100 at B=8192, K=128: 8.6 ms at (64, 64, 8) vs 9.1-11.4 ms for the others.
+    bb, bd, warps = (int(v) for v in override.split(",")) if override else (64, 64, 8)
     bd = max(16, min(bd, triton.next_power_of_2(d)))
     return bb, bd, warps
 
@@ -57,41 +60,75 @@ def _new(shape, dtype, device) -> torch.Tensor:
     """torch.empty, or NaN-filled when poisoning is on (see POISON_ENV)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if os.environ.get(POISON_ENV) == "1":
-        out.fill_(float("nan"))
+        out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
 
 
-def latent_segments(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order, seg, latents): flattened (b, k) items stably sorted by latent, segment offsets."""
-    sorted_lat, order = torch.sort(idx.reshape(-1), stable=True)
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """A tuning knob read at call time (benchmarks compare variants in one process)."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _segment_geometry(d: int) -> tuple[int, int, int]:
+    """(BLOCK_P items, BLOCK_D columns, num_warps) of the segment reduction.
+
+    SAE_KERNELS_SEG_TILE="bp,bd,warps" overrides, for tuning runs.
+    """
+    override = os.environ.get("SAE_KERNELS_SEG_TILE")
+    # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.97 ms at (4, 64, 1), 2.8 at
+    # (16, 64, 2), 6.5 at (16, 128, 4); atomics 3.5): many resident programs hide the latency of
+    # each segment's dependent order -> row loads.
+    bp, bd, warps = (int(v) for v in override.split(",")) if override else (4, 64, 1)
+    return bp, max(16, min(bd, triton.next_power_of_2(d))), warps
+
+
+def latent_segments(
+    idx: torch.Tensor, n_latents: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(order, seg, latents): flattened (b, k) items stably sorted by latent, segment offsets.
+
+    With n_latents, every latent gets a (possibly empty) segment, seg has n_latents + 1 entries
+    and latents is None: a reduction over them writes every output row exactly once.
+    """
+    flat = idx.reshape(-1)
+    sorted_lat, order = torch.sort(flat.to(torch.int32), stable=True)
+    if n_latents is not None:
+        seg = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
+        seg[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+        return order, seg, None
     latents, counts = torch.unique_consecutive(sorted_lat, return_counts=True)
     seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=idx.device)
     seg[1:] = counts.cumsum(0)
-    return order, seg, latents
+    return order, seg, latents.long()
 
 
 def _segment_add(
     out: torch.Tensor,
-    segs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    segs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     src: torch.Tensor,
     coef: torch.Tensor | None,
     row_div: int,
     d_start: int,
     d_end: int,
-    block_d: int,
+    accumulate: bool,
 ) -> None:
-    """out[f] += Σ coef · src rows over each latent's segment, columns [d_start, d_end)."""
+    """out[f] (+)= Σ coef · src rows over each latent's segment, columns [d_start, d_end)."""
     order, seg, latents = segs
-    if latents.numel() == 0:
+    n_seg = seg.numel() - 1
+    if n_seg == 0 or d_end <= d_start:
         return
-    grid = (latents.numel(), triton.cdiv(d_end - d_start, block_d))
+    block_p, block_d, warps = _segment_geometry(d_end - d_start)
+    grid = (n_seg, triton.cdiv(d_end - d_start, block_d))
     segment_rows_kernel[grid](
         out,
         src,
         coef if coef is not None else src,
         order,
         seg,
-        latents,
+        latents if latents is not None else seg,
         d_start,
         d_end,
         d_start if row_div == 1 else 0,
@@ -99,7 +136,11 @@ def _segment_add(
         src.stride(0),
         out.stride(0),
         HAS_COEF=coef is not None,
+        HAS_LATENTS=latents is not None,
+        ACCUMULATE=accumulate,
+        BLOCK_P=block_p,
         BLOCK_D=block_d,
+        num_warps=warps,
     )
 
 
@@ -150,20 +191,32 @@ def sparse_outer_backward(
     want_dot: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(gW, dots): gW[f] = Σ_{idx[b,k]=f} coef[b,k] · vec[b]; dots[b,k] = <vec[b], w[idx[b,k]]>."""
+    """(gW, dots): gW[f] = Σ_{idx[b,k]=f} coef[b,k] · vec[b]; dots[b,k] = <vec[b], w[idx[b,k]]>.
+
+    gW is a segment reduction over the items sorted by latent (each row written once, bitwise
+    repeatable); SAE_KERNELS_WGRAD=atomic scatters with atomics instead (for comparison).
+    """
     n, k = idx.shape
-    d = w.shape[1]
+    f, d = w.shape
     k_pad, block_d, warps = _geometry(k, d)
     n_chunks = triton.cdiv(d, block_d)
-    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+    atomic = (
+        want_w and not deterministic and _env_choice(WGRAD_ENV, ("segment", "atomic")) == "atomic"
+    )
+    gw = None
+    if want_w:
+        gw = (
+            torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            if atomic or n == 0
+            else (_new(w.shape, torch.float32, w.device))
+        )
     dots = None
     if want_dot:
         if deterministic:
             dots = _new((n_chunks, n, k), torch.float32, w.device)
         else:
             dots = torch.zeros(n, k, dtype=torch.float32, device=w.device)
-    scatter_atomic = want_w and not deterministic
-    if n > 0 and (scatter_atomic or want_dot):
+    if n > 0 and (atomic or want_dot):
         scatter_rows_kernel[(n, n_chunks)](
             gw if gw is not None else vec,
             dots if dots is not None else vec,
@@ -179,15 +232,16 @@ def sparse_outer_backward(
             w.stride(0),
             n * k,
             k,
-            SCATTER=scatter_atomic,
+            SCATTER=atomic,
             DOT=want_dot,
             DOT_ATOMIC=not deterministic,
             K_PAD=k_pad,
             BLOCK_D=block_d,
             num_warps=warps,
         )
-    if want_w and deterministic and n > 0:
-        _segment_add(gw, latent_segments(idx), vec, coef.reshape(-1), k, 0, d, block_d)
+    if want_w and not atomic and n > 0:
+        segs = latent_segments(idx, f)
+        _segment_add(gw, segs, vec, coef.reshape(-1), k, 0, d, accumulate=False)
     if dots is not None and deterministic:
         dots = dots.sum(0)
     return gw, dots
@@ -220,15 +274,19 @@ class HierarchicalLoss(torch.autograd.Function):
         dev = w_dec.device
         loss_part = _new((n_chunks, n), torch.float32, dev)
         gv = gr = gw = None
+        # dL/dvals: atomically added into (B, K) by every chunk's program, or per-chunk partials
+        # summed afterwards (deterministic; partials were not faster when measured, H100).
+        gv_atomic = not deterministic
         if want_grad:
-            gv_shape = (n_chunks, n, k) if deterministic else (n, k)
-            gv = (
-                _new(gv_shape, torch.float32, dev)
-                if deterministic
-                else torch.zeros(gv_shape, device=dev)
-            )
+            if gv_atomic:
+                gv = torch.zeros((n, k), dtype=torch.float32, device=dev)
+            else:
+                gv = _new((n_chunks, n, k), torch.float32, dev)
             gr = _new((n, d), torch.float32, dev)
-            gw = torch.zeros(w_dec.shape, dtype=torch.float32, device=dev)
+            if deterministic and n > 0:
+                gw = _new(w_dec.shape, torch.float32, dev)  # every row written by _segment_add
+            else:
+                gw = torch.zeros(w_dec.shape, dtype=torch.float32, device=dev)
         scale = -2.0 / max(n * n_j, 1)
 
         def launch(d_start, d_end, gw_mode, gw_buf):
@@ -260,7 +318,8 @@ class HierarchicalLoss(torch.autograd.Function):
                 K=k,
                 WANT_GRAD=want_grad,
                 GW_MODE=gw_mode,
-                GV_ATOMIC=not deterministic,
+                GV_ATOMIC=gv_atomic,
+                EVEN_D=d_start % block_d == 0 and (d_end - d_start) % block_d == 0,
                 BLOCK_B=block_b,
                 BLOCK_D=block_d,
                 num_warps=warps,
@@ -274,16 +333,16 @@ class HierarchicalLoss(torch.autograd.Function):
             else:
                 # Materialise v_i·S_i for one D-group at a time (about B·D floats), then reduce
                 # each latent's rows in sorted order: bitwise repeatable, no atomics.
-                segs = latent_segments(idx)
+                segs = latent_segments(idx, w_dec.shape[0])
                 group = block_d * max(1, triton.cdiv(triton.cdiv(d, k), block_d))
                 buf = _new((n * k, group), torch.float32, dev)
                 for d0 in range(0, d, group):
                     d1 = min(d, d0 + group)
                     launch(d0, d1, 2, buf)
-                    _segment_add(gw, segs, buf, None, 1, d0, d1, block_d)
+                    _segment_add(gw, segs, buf, None, 1, d0, d1, accumulate=False)
         loss = loss_part.sum() / max(n * n_j, 1)
         if want_grad:
-            if deterministic:
+            if not gv_atomic:
                 gv = gv.sum(0)
             ctx.save_for_backward(gv, gr, gw)
         ctx.meta = (n * n_j, vals.dtype, x.dtype, b_dec.dtype, w_dec.dtype)

@@ -48,7 +48,9 @@ def forward_topk(
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
     det = {"deterministic": deterministic}
-    vals, idx = topk_encode(centered, sae.W_enc, sae.b_enc, cfg.k, **det)
+    # b_pre rather than `centered`: b_dec's encoder-side gradient is then one GEMV, not a
+    # (B, D) gather over W_enc.
+    vals, idx = topk_encode(target, sae.W_enc, sae.b_enc, cfg.k, b_pre=sae.b_dec, **det)
     if hierarchical:
         loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, target, cfg.loss_every, **det)
 

@@ -1,0 +1,194 @@
+"""Variants of each stage of the SAE training step, timed side by side in one process.
+
+Where bench_kernels.py times the finished op and step against the baselines, this script
+compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read at call time):
+  ptx:     which global memory / atomic instructions the compiled kernels use (vector width).
+  wgrad:   W_enc's gradient by atomics vs the sorted segment reduction over tiles; the sort.
+  hier:    the hierarchical op over tiles; the TopK op with each W_dec-gradient variant.
+  step:    the full step (bf16 encoder, top-k, hierarchical loss, all backwards, fused Adam)
+           with one knob changed at a time.
+Shapes: F = 65,536, D = 2304, B = 8192, K = 128 unless --k / --batch say otherwise.
+
+Usage (GPU):  PYTHONPATH=$PWD python bench/bench_step_parts.py --out $OUT [--parts ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import D, F, Model, bench, random_sparse, start_run
+
+from sae import kernels
+from sae.kernels import triton_ops
+
+
+@contextlib.contextmanager
+def env(**values: str):
+    """Set environment knobs for the duration of a timing (restored afterwards)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def timed(fn, **knobs: str) -> tuple[float, float]:
+    with env(**knobs):
+        return bench(fn, 25, 200)
+
+
+def ptx_summary(log) -> list[dict]:
+    """Count the global load/store/atomic instruction forms in every compiled kernel."""
+    from sae.kernels import triton_kernels as tk
+
+    rows = []
+    for name in ("hierarchical_kernel", "segment_rows_kernel", "scatter_rows_kernel"):
+        fn = getattr(tk, name)
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, compiled in caches[0].items():
+                ptx = compiled.asm.get("ptx", "")
+                ops = Counter(re.findall(r"\b((?:red|atom|ld|st)\.global[.\w]*)", ptx))
+                rows.append({"kernel": name, "variant": str(key)[:200], "ops": dict(ops)})
+                log(f"ptx {name}: {dict(ops)}")
+    return rows
+
+
+SEG_TILES = ("4,64,1", "2,64,1", "4,32,1", "8,64,1", "4,128,2", "8,64,2", "16,128,4")
+
+
+def part_wgrad(b, k, gen, log) -> list[dict]:
+    xb = torch.randn(b, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(F, D, device="cuda", generator=gen) / D**0.5
+    g, idx = random_sparse(b, k, F, "cuda", gen)
+
+    def run():
+        return triton_ops.sparse_outer_backward(g, idx, xb, w, True, False, False)
+
+    rows = []
+    with env(SAE_KERNELS_WGRAD="atomic"):
+        ref, _ = run()
+    for tile in SEG_TILES:
+        with env(SAE_KERNELS_SEG_TILE=tile):
+            got, _ = run()
+            err = float((got - ref).norm() / ref.norm())
+        ms, _ = timed(run, SAE_KERNELS_SEG_TILE=tile)
+        rows.append({"part": "wgrad", "variant": f"segment {tile}", "ms": ms, "rel_err": err})
+        log(f"wgrad B={b} K={k} segment {tile}: {ms:.3f} ms (vs atomic rel err {err:.2e})")
+    ms, _ = timed(run, SAE_KERNELS_WGRAD="atomic")
+    rows.append({"part": "wgrad", "variant": "atomic", "ms": ms})
+    log(f"wgrad B={b} K={k} atomic: {ms:.3f} ms")
+    ms, _ = timed(lambda: triton_ops.latent_segments(idx, F))
+    rows.append({"part": "wgrad", "variant": "latent_segments (sort + bincount)", "ms": ms})
+    log(f"wgrad B={b} K={k} latent_segments: {ms:.3f} ms")
+    return rows
+
+
+HIER_TILES = ("64,64,8", "16,64,4", "32,64,4", "32,32,4", "64,32,8")
+
+
+def part_hier(b, k, gen, log) -> list[dict]:
+    vals0, idx = random_sparse(b, k, F, "cuda", gen)
+    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
+    bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
+    x = torch.randn(b, D, device="cuda", generator=gen)
+    vals = vals0.clone().requires_grad_()
+
+    def run():
+        for p in (vals, w, bias):
+            p.grad = None
+        kernels.hierarchical_loss(vals, idx, w, bias, x, 1).backward()
+
+    def topk_op():
+        for p in (vals, w, bias):
+            p.grad = None
+        (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
+
+    rows = []
+    for tile in HIER_TILES:
+        ms, gib = timed(run, SAE_KERNELS_HIER_TILE=tile)
+        rows.append({"part": "hier", "variant": f"tile {tile}", "ms": ms})
+        log(f"hier B={b} K={k} tile {tile}: {ms:.3f} ms {gib:.2f} GiB")
+    for name, knobs in (("segment", {}), ("atomic", {"SAE_KERNELS_WGRAD": "atomic"})):
+        ms, gib = timed(topk_op, **knobs)
+        rows.append({"part": "hier", "variant": f"topk op wgrad {name}", "ms": ms})
+        log(f"topk op B={b} K={k} wgrad {name}: {ms:.3f} ms {gib:.2f} GiB")
+    return rows
+
+
+def part_step(b, k, gen, log) -> list[dict]:
+    m = Model(gen)
+    xs = [torch.randn(b, D, device="cuda", generator=gen) for _ in range(2)]
+    state = {"i": 0}
+
+    def step(b_pre=True, adam=True):
+        def run():
+            x = xs[state["i"] % 2]
+            state["i"] += 1
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if b_pre:
+                    vals, idx = kernels.topk_encode(x, m.w_enc, m.b_enc, k, b_pre=m.b_dec)
+                else:
+                    vals, idx = kernels.topk_encode(x - m.b_dec, m.w_enc, m.b_enc, k)
+            kernels.hierarchical_loss(vals, idx, m.w_dec, m.b_dec, x, 1).backward()
+            if adam:
+                m.opt.step()
+            m.opt.zero_grad(set_to_none=True)
+
+        return run
+
+    step()()  # Adam state
+    variants = {
+        "ours": (step(), {}),
+        "ours, x - b_dec (no b_pre)": (step(b_pre=False), {}),
+        "ours, W_enc grad by atomics": (step(), {"SAE_KERNELS_WGRAD": "atomic"}),
+        "ours, hier tile 16,64,4 (before)": (step(), {"SAE_KERNELS_HIER_TILE": "16,64,4"}),
+        "ours, no Adam": (step(adam=False), {}),
+    }
+    rows = []
+    for name, (fn, knobs) in variants.items():
+        ms, gib = timed(fn, **knobs)
+        rows.append({"part": "step", "variant": name, "batch": b, "k": k, "ms": ms, "gib": gib})
+        log(f"step B={b} K={k} {name}: {ms:.3f} ms {gib:.2f} GiB")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parts", default="wgrad,hier,step,ptx")
+    ap.add_argument("--batch", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=128)
+    args = ap.parse_args()
+    log, gen = start_run(args.out, "bench_step_parts")
+    parts = {
+        "wgrad": part_wgrad,
+        "hier": part_hier,
+        "step": part_step,
+    }
+    results: dict[str, list] = {}
+    for name in args.parts.split(","):
+        if name == "ptx":
+            results["ptx"] = ptx_summary(log)
+        else:
+            results[name] = parts[name](args.batch, args.k, gen, log)
+        torch.cuda.empty_cache()
+    (args.out / "bench_step_parts.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
