@@ -78,10 +78,10 @@ def _segment_geometry(d: int) -> tuple[int, int, int]:
     SAE_KERNELS_SEG_TILE="bp,bd,warps" overrides, for tuning runs.
     """
     override = os.environ.get("SAE_KERNELS_SEG_TILE")
-    # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.97 ms at (4, 64, 1), 2.8 at
-    # (16, 64, 2), 6.5 at (16, 128, 4); atomics 3.5): many resident programs hide the latency of
-    # each segment's dependent order -> row loads.
-    bp, bd, warps = (int(v) for v in override.split(",")) if override else (4, 64, 1)
+    # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.80 ms at (8, 64, 1), 2.05 at
+    # (4, 64, 1), 2.8 at (8, 64, 2), 6.3 at (16, 128, 4); atomics 3.5): many resident programs
+    # hide the latency of each segment's dependent order -> row loads.
+    bp, bd, warps = (int(v) for v in override.split(",")) if override else (8, 64, 1)
     return bp, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
