@@ -118,19 +118,11 @@ def part_hier(b, k, gen, log) -> list[dict]:
             p.grad = None
         (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
 
-    def forward_only():
-        with torch.no_grad():
-            kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
-
     rows = []
-    for t_mode in ("sweep", "decode"):
-        for tile in HIER_TILES:
-            ms, gib = timed(run, SAE_KERNELS_HIER_TILE=tile, SAE_KERNELS_HIER_T=t_mode)
-            rows.append({"part": "hier", "variant": f"T by {t_mode}, tile {tile}", "ms": ms})
-            log(f"hier B={b} K={k} T by {t_mode} tile {tile}: {ms:.3f} ms {gib:.2f} GiB")
-    ms, _ = timed(forward_only)
-    rows.append({"part": "hier", "variant": "no-grad forward (sweep 1 only)", "ms": ms})
-    log(f"hier B={b} K={k} no-grad forward (sweep 1 only): {ms:.3f} ms")
+    for tile in HIER_TILES:
+        ms, gib = timed(run, SAE_KERNELS_HIER_TILE=tile)
+        rows.append({"part": "hier", "variant": f"tile {tile}", "ms": ms})
+        log(f"hier B={b} K={k} tile {tile}: {ms:.3f} ms {gib:.2f} GiB")
     for name, knobs in (("segment", {}), ("atomic", {"SAE_KERNELS_WGRAD": "atomic"})):
         ms, gib = timed(topk_op, **knobs)
         rows.append({"part": "hier", "variant": f"topk op wgrad {name}", "ms": ms})
@@ -165,11 +157,6 @@ def part_step(b, k, gen, log) -> list[dict]:
         "ours, x - b_dec (no b_pre)": (step(b_pre=False), {}),
         "ours, W_enc grad by atomics": (step(), {"SAE_KERNELS_WGRAD": "atomic"}),
         "ours, hier tile 16,64,4 (before)": (step(), {"SAE_KERNELS_HIER_TILE": "16,64,4"}),
-        "ours, T by decode": (step(), {"SAE_KERNELS_HIER_T": "decode"}),
-        "ours, T by decode, tile 16,64,4": (
-            step(),
-            {"SAE_KERNELS_HIER_T": "decode", "SAE_KERNELS_HIER_TILE": "16,64,4"},
-        ),
         "ours, no Adam": (step(adam=False), {}),
     }
     rows = []

@@ -105,24 +105,6 @@ def test_hierarchical_loss_when_d_is_a_multiple_of_the_tile(deterministic, gen):
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
-@pytest.mark.parametrize(("every", "deterministic"), [(1, False), (3, False), (3, True)])
-def test_hierarchical_loss_with_t_from_a_weighted_decode(every, deterministic, gen, monkeypatch):
-    """SAE_KERNELS_HIER_T=decode: T comes from a sparse decode, the kernel runs one sweep."""
-    monkeypatch.setenv("SAE_KERNELS_HIER_T", "decode")
-    vals, idx, w, bias, x = sparse_inputs(6, 70, 40, 11, gen)
-    ours = leaves(vals, w, bias, x)
-    loss = kernels.hierarchical_loss(
-        *ours[:1], idx, *ours[1:], every, backend="triton", deterministic=deterministic
-    )
-    loss.backward()
-    ref = leaves(vals, w, bias, x, dtype=torch.float64)
-    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], every)
-    ref_loss.backward()
-    assert rel_err(loss, ref_loss) < TOL
-    for name, a, r in zip(("vals", "W_dec", "b_dec", "x"), ours, ref, strict=True):
-        assert rel_err(a.grad, r.grad) < TOL, name
-
-
 def test_hierarchical_loss_bf16_activations_and_partial_grads(gen):
     b, d, f, k = 9, 75, 128, 24
     vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)

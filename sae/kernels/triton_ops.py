@@ -27,7 +27,6 @@ MAX_K = 1024
 POISON_ENV = "SAE_KERNELS_POISON"
 # Benchmark knobs (read at call time): how W's gradient rows and dL/dvals are accumulated.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
-HIER_T_ENV = "SAE_KERNELS_HIER_T"  # sweep (default) | decode
 _TILE = 8192  # elements of the [K_PAD, BLOCK_D] register tile
 
 
@@ -289,13 +288,6 @@ class HierarchicalLoss(torch.autograd.Function):
             else:
                 gw = torch.zeros(w_dec.shape, dtype=torch.float32, device=dev)
         scale = -2.0 / max(n * n_j, 1)
-        # T = Σ_{j∈J} R_j up front by a weighted sparse decode (SAE_KERNELS_HIER_T=decode), or by
-        # the kernel's own first sweep (sweep).
-        tdec = None
-        if want_grad and n > 0 and _env_choice(HIER_T_ENV, ("sweep", "decode")) == "decode":
-            js = torch.tensor(loss_indices(k, every), device=dev)
-            n_from = (js[None, :] >= torch.arange(1, k + 1, device=dev)[:, None]).sum(1)
-            tdec = sparse_decode(vals.float() * n_from, idx, w_dec, None, torch.float32)
 
         def launch(d_start, d_end, gw_mode, gw_buf):
             grid = (triton.cdiv(n, block_b), triton.cdiv(d_end - d_start, block_d))
@@ -309,13 +301,11 @@ class HierarchicalLoss(torch.autograd.Function):
                 w_dec,
                 b_dec,
                 x,
-                tdec if tdec is not None else x,
                 n,
                 d,
                 d_start,
                 d_end,
                 every,
-                float(n_j),
                 scale,
                 vals.stride(0),
                 idx.stride(0),
@@ -325,10 +315,8 @@ class HierarchicalLoss(torch.autograd.Function):
                 k,
                 d,
                 gw_buf.stride(0) if gw_buf is not None else 0,
-                tdec.stride(0) if tdec is not None else 0,
                 K=k,
                 WANT_GRAD=want_grad,
-                T_GIVEN=tdec is not None,
                 GW_MODE=gw_mode,
                 GV_ATOMIC=gv_atomic,
                 EVEN_D=d_start % block_d == 0 and (d_end - d_start) % block_d == 0,
