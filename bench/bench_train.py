@@ -5,7 +5,8 @@ Shape: d_model 2304 (Gemma-2-2B), 65,536 latents, HierarchicalTopK K=128, batch 
   cache:        a real Zarr cache written to local disk through CacheWriter (random-normal fp16
                 activations, never zeros).
   kernel-only:  Trainer.train_step (encode + hierarchical loss + backward + Adam + decoder
-                renorm) on batches already on the GPU: what the trainer could do with free data.
+                renorm) on batches already on the GPU: what the trainer could do with free data;
+                with the default bfloat16 encoder and, as its baseline, --encoder-dtype float32.
   fwd+bwd:      topk_encode + hierarchical_loss + backward alone (no optimiser), for reference.
   end to end:   `sae.train.trainer.train` reading the cache (shuffled reader, prefetch, H2D),
                 steady-state tokens/s from its metrics log after warm-up; GPU memory peak.
@@ -111,7 +112,9 @@ def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[f
 
     def fwd_bwd() -> None:
         x = batches[0] * sae.cfg.input_scale
-        vals, idx = topk_encode(x, sae.W_enc, sae.b_enc, shape["k"], b_pre=sae.b_dec)
+        bf16 = cfg.encoder_dtype == "bfloat16" and device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            vals, idx = topk_encode(x, sae.W_enc, sae.b_enc, shape["k"], b_pre=sae.b_dec)
         hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every).backward()
 
     return step_s, time_windows(fwd_bwd, device, 5, 5, 10)
@@ -142,7 +145,7 @@ def main() -> None:
     write_s = write_cache(cache_url, args.cache_tokens, shape["d_model"], seed=0)
     print(f"cache: {args.cache_tokens} tokens x {shape['d_model']} written in {write_s:.1f}s")
 
-    def config(out: Path, steps: int) -> TrainConfig:
+    def config(out: Path, steps: int, encoder_dtype: str = "bfloat16") -> TrainConfig:
         return TrainConfig(
             cache=cache_url,
             out=str(out),
@@ -158,9 +161,18 @@ def main() -> None:
             log_every=10,
             checkpoint_every=10**9,
             progress=False,
+            encoder_dtype=encoder_dtype,
         )
 
     # --- kernel-only: the trainer's own step on GPU-resident batches ---------------------------
+    # (the float32 encoder first, as the baseline of the bfloat16 default, same process)
+    step32_s, fwd_bwd32_s = kernel_only(
+        config(root / "kernel-only-fp32", args.steps, "float32"),
+        CacheSource(cache_url),
+        shape,
+        device,
+        args,
+    )
     step_s, fwd_bwd_s = kernel_only(
         config(root / "kernel-only", args.steps), CacheSource(cache_url), shape, device, args
     )
@@ -193,6 +205,8 @@ def main() -> None:
         "commit": commit,
         "cache_tokens": args.cache_tokens,
         "cache_write_s": write_s,
+        "kernel_only_step_ms_fp32_encoder": step32_s * 1e3,
+        "fwd_bwd_ms_fp32_encoder": fwd_bwd32_s * 1e3,
         "kernel_only_step_ms": step_s * 1e3,
         "kernel_only_tokens_per_s": kernel_rate,
         "fwd_bwd_ms": fwd_bwd_s * 1e3,
@@ -209,6 +223,8 @@ def main() -> None:
     print()
     print("| measure | value |")
     print("|---|---|")
+    print(f"| kernel-only step, float32 encoder (ms, median) | {step32_s * 1e3:.2f} |")
+    print(f"| fwd+bwd only, float32 encoder (ms) | {fwd_bwd32_s * 1e3:.2f} |")
     print(f"| kernel-only step (ms, median) | {step_s * 1e3:.2f} |")
     print(f"| kernel-only tokens/s | {kernel_rate:,.0f} |")
     print(f"| fwd+bwd only (ms) | {fwd_bwd_s * 1e3:.2f} |")

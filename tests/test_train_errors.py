@@ -55,6 +55,13 @@ def test_latents_and_expansion_together(tmp_path):
         train(_config(tmp_path / "run", expansion=4), _source())
 
 
+def test_unknown_encoder_dtype(tmp_path):
+    with pytest.raises(
+        SaeError, match="--encoder-dtype must be one of bfloat16, float32, got 'fp8'"
+    ):
+        train(_config(tmp_path / "run", encoder_dtype="fp8"), _source())
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(_config(tmp_path / "run", tokens=64 * 2), _source())
     with pytest.raises(SaeError, match="already holds a run; pass --resume"):

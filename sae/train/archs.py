@@ -36,12 +36,22 @@ def _fired_from_sparse(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) ->
     return counts > 0
 
 
+def _encoder_autocast(x: torch.Tensor, bf16: bool):
+    """bf16 autocast around an encoder matmul (CUDA only): the (B, F) pre-activations come out
+    bf16 and the top-k is taken over them; decoders and losses stay fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and x.is_cuda)
+
+
 def _sq_err(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (recon - target).pow(2).sum(-1).mean()
 
 
 def forward_topk(
-    sae: SparseAutoencoder, x: torch.Tensor, hierarchical: bool, deterministic: bool = False
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    hierarchical: bool,
+    deterministic: bool = False,
+    encoder_bf16: bool = False,
 ) -> Forward:
     """Per-token top-k; the loss is either the plain error or the hierarchical prefix mean."""
     cfg = sae.cfg
@@ -50,7 +60,8 @@ def forward_topk(
     det = {"deterministic": deterministic}
     # b_pre rather than `centered`: b_dec's encoder-side gradient is then one GEMV, not a
     # (B, D) gather over W_enc.
-    vals, idx = topk_encode(target, sae.W_enc, sae.b_enc, cfg.k, b_pre=sae.b_dec, **det)
+    with _encoder_autocast(target, encoder_bf16):
+        vals, idx = topk_encode(target, sae.W_enc, sae.b_enc, cfg.k, b_pre=sae.b_dec, **det)
     if hierarchical:
         loss = hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, target, cfg.loss_every, **det)
 
@@ -69,12 +80,16 @@ def forward_topk(
     return Forward(loss, target, centered, fired, l0, recon)
 
 
-def forward_batchtopk(sae: SparseAutoencoder, x: torch.Tensor) -> Forward:
+def forward_batchtopk(
+    sae: SparseAutoencoder, x: torch.Tensor, encoder_bf16: bool = False
+) -> Forward:
     """Keep the n·k largest activations of the whole batch (some rows get more, some fewer)."""
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
-    acts = (centered @ sae.W_enc.T + sae.b_enc).relu()
+    with _encoder_autocast(target, encoder_bf16):
+        pre = centered @ sae.W_enc.T + sae.b_enc
+    acts = pre.float().relu()
     n_keep = min(acts.numel(), acts.shape[0] * cfg.k)
     kept_vals, flat_idx = acts.flatten().topk(n_keep, sorted=False)
     mask = torch.zeros(acts.numel(), dtype=acts.dtype, device=acts.device)
@@ -132,13 +147,19 @@ class _Step(torch.autograd.Function):
 
 
 def forward_jumprelu(
-    sae: SparseAutoencoder, x: torch.Tensor, l0_coef: float, bandwidth: float
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    l0_coef: float,
+    bandwidth: float,
+    encoder_bf16: bool = False,
 ) -> Forward:
     """Reconstruction error + l0_coef·L0, thresholds trained through straight-through estimates."""
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
-    pre = centered @ sae.W_enc.T + sae.b_enc
+    with _encoder_autocast(target, encoder_bf16):
+        pre = centered @ sae.W_enc.T + sae.b_enc
+    pre = pre.float()
     acts = _JumpReLU.apply(pre, sae.threshold, bandwidth)
     full = sae.decode_dense(acts)
     l0 = _Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
@@ -178,11 +199,13 @@ def forward(
     l0_coef: float,
     bandwidth: float,
     deterministic: bool = False,
+    encoder_bf16: bool = False,
 ) -> Forward:
-    """Dispatch on cfg.arch (`deterministic`: bitwise-repeatable GPU kernels, a bit slower)."""
+    """Dispatch on cfg.arch (`deterministic`: bitwise-repeatable GPU kernels, a bit slower;
+    `encoder_bf16`: encoder matmul under bf16 autocast on CUDA)."""
     arch = sae.cfg.arch
     if arch in ("hierarchical", "topk"):
-        return forward_topk(sae, x, arch == "hierarchical", deterministic)
+        return forward_topk(sae, x, arch == "hierarchical", deterministic, encoder_bf16)
     if arch == "batchtopk":
-        return forward_batchtopk(sae, x)
-    return forward_jumprelu(sae, x, l0_coef, bandwidth)
+        return forward_batchtopk(sae, x, encoder_bf16)
+    return forward_jumprelu(sae, x, l0_coef, bandwidth, encoder_bf16)

@@ -58,6 +58,12 @@ def train(
     deterministic: bool = typer.Option(
         False, "--deterministic", help="Bitwise-repeatable GPU kernels (a little slower)."
     ),
+    encoder_dtype: str = typer.Option(
+        "bfloat16",
+        "--encoder-dtype",
+        help="Encoder matmul precision on CUDA: bfloat16 (autocast; the step is about 3x faster "
+        "at Gemma-2-2B shape) or float32. CPU runs always use float32.",
+    ),
 ) -> None:
     """Train a sparse autoencoder on a cache's train split; evaluate on its held-out split."""
     import json
@@ -94,6 +100,7 @@ def train(
         overwrite=overwrite,
         progress=progress,
         deterministic=deterministic,
+        encoder_dtype=encoder_dtype,
     )
     summary = run_training(cfg)
     keys = ("steps", "tokens", "fvu", "l0", "dead", "tokens_per_s")

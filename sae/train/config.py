@@ -15,6 +15,7 @@ from sae.train.model import ARCHS, SAEConfig
 
 TOPK_FAMILY = ("hierarchical", "topk", "batchtopk")
 B_DEC_INITS = ("median", "mean")
+ENCODER_DTYPES = ("bfloat16", "float32")
 
 # Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
 RESUME_FIXED = (
@@ -72,6 +73,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     deterministic: bool = False  # bitwise-repeatable GPU kernels (sorted reductions, slower)
+    encoder_dtype: str = "bfloat16"  # encoder matmul on CUDA: bfloat16 (autocast) | float32
     # Resolved from the cache / run (not options):
     d_model: int = 0
     input_scale: float = 1.0
@@ -87,6 +89,11 @@ class TrainConfig:
         """Check what the user typed, before any data is read."""
         if self.arch not in ARCHS:
             raise SaeError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise SaeError(
+                f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, "
+                f"got {self.encoder_dtype!r}"
+            )
         if self.n_latents is not None and self.expansion is not None:
             raise SaeError("pass either --latents or --expansion, not both")
         positive = {

@@ -210,7 +210,14 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        fwd = forward(sae, x, cfg.l0_coef, cfg.jumprelu_bandwidth, cfg.deterministic)
+        fwd = forward(
+            sae,
+            x,
+            cfg.l0_coef,
+            cfg.jumprelu_bandwidth,
+            cfg.deterministic,
+            encoder_bf16=cfg.encoder_dtype == "bfloat16",
+        )
         total = fwd.loss
         if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
             dead = self.since_fired >= cfg.dead_tokens
