@@ -10,6 +10,8 @@ Shape: d_model 2304 (Gemma-2-2B), 65,536 latents, HierarchicalTopK K=128, batch 
   fwd+bwd:      topk_encode + hierarchical_loss + backward alone (no optimiser), for reference.
   end to end:   `sae.train.trainer.train` reading the cache (shuffled reader, prefetch, H2D),
                 steady-state tokens/s from its metrics log after warm-up; GPU memory peak.
+  diagnosis:    the trainer's reader alone (batches on the device, no training), and end to
+                end again with checksum verification off: where a gap to kernel-only comes from.
 
 Usage (on the GPU machine):  python bench/bench_train.py --out /tmp/bench-train
 Smoke test on CPU:           python bench/bench_train.py --shape tiny --device cpu
@@ -192,6 +194,32 @@ def main() -> None:
     last = logs[-1]
     e2e_rate = (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
     kernel_rate = shape["batch"] / step_s
+
+    # --- where an end-to-end gap comes from: the reader alone, and e2e without checksums -------
+    src = CacheSource(cache_url)
+    it = src.train_batches(shape["batch"], seed=1, rank=0, world_size=1, device=device, cursor=None)
+    for _ in range(10):
+        next(it)
+    t0 = time.perf_counter()
+    n_read = 100
+    for _ in range(n_read):
+        batch_t = next(it)
+    if device.type == "cuda":
+        batch_t.sum().item()
+    reader_rate = n_read * shape["batch"] / (time.perf_counter() - t0)
+    it.stream.close()
+    from sae.store import open_cache
+
+    unverified_dir = root / "run-unverified"
+    unverified = CacheSource(cache_url)
+    unverified.cache = open_cache(cache_url, verify_reads=False)
+    train(config(unverified_dir, args.steps), unverified)
+    logs_u = [json.loads(x) for x in (unverified_dir / "metrics.jsonl").read_text().splitlines()]
+    logs_u = [r for r in logs_u if "seconds" in r]
+    first_u = next(r for r in logs_u if r["step"] >= args.warmup)
+    e2e_unverified = (logs_u[-1]["tokens"] - first_u["tokens"]) / (
+        logs_u[-1]["seconds"] - first_u["seconds"]
+    )
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -212,6 +240,8 @@ def main() -> None:
         "fwd_bwd_ms": fwd_bwd_s * 1e3,
         "e2e_tokens_per_s": e2e_rate,
         "e2e_vs_kernel_only": e2e_rate / kernel_rate,
+        "reader_alone_tokens_per_s": reader_rate,
+        "e2e_unverified_tokens_per_s": e2e_unverified,
         "e2e_steps": summary["steps"],
         "e2e_wall_s": e2e_wall,
         "gpu_peak_gib": peak / 2**30,
@@ -230,6 +260,8 @@ def main() -> None:
     print(f"| fwd+bwd only (ms) | {fwd_bwd_s * 1e3:.2f} |")
     print(f"| end-to-end tokens/s (steady) | {e2e_rate:,.0f} |")
     print(f"| end-to-end / kernel-only | {e2e_rate / kernel_rate:.1%} |")
+    print(f"| reader alone (no training) tokens/s | {reader_rate:,.0f} |")
+    print(f"| end-to-end without checksum verification tokens/s | {e2e_unverified:,.0f} |")
     print(f"| GPU memory peak | {peak / 2**30:.2f} GiB |")
 
 
