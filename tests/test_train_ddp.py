@@ -57,7 +57,7 @@ def _worker(rank: int, init_file: str, out: str, arch: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["hierarchical", "jumprelu"])
+@pytest.mark.parametrize("arch", ["hierarchical", "batchtopk", "jumprelu"])
 def test_two_ranks_equal_one_process(tmp_path, arch):
     single = tmp_path / "single"
     train(_config(single, arch), _source())

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from sae.kernels import hierarchical_loss, topk_decode, topk_encode
+from sae.runtime import RankInfo
+from sae.train import distributed as ddp
 from sae.train.model import SparseAutoencoder
 
 
@@ -81,25 +83,44 @@ def forward_topk(
 
 
 def forward_batchtopk(
-    sae: SparseAutoencoder, x: torch.Tensor, encoder_bf16: bool = False
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    encoder_bf16: bool = False,
+    info: RankInfo | None = None,
 ) -> Forward:
-    """Keep the n·k largest activations of the whole batch (some rows get more, some fewer)."""
+    """Keep the n·k largest activations of the whole batch (some rows get more, some fewer).
+
+    Under torchrun "the whole batch" is the global one: the cut is the n·k-th largest value over
+    all ranks (ties at the cut are all kept), so 2 ranks train like 1 process on both halves.
+    """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
     with _encoder_autocast(target, encoder_bf16):
         pre = centered @ sae.W_enc.T + sae.b_enc
     acts = pre.float().relu()
-    n_keep = min(acts.numel(), acts.shape[0] * cfg.k)
-    kept_vals, flat_idx = acts.flatten().topk(n_keep, sorted=False)
-    mask = torch.zeros(acts.numel(), dtype=acts.dtype, device=acts.device)
-    mask.index_fill_(0, flat_idx, 1.0)
+    if info is None or info.world_size == 1:
+        n_keep = min(acts.numel(), acts.shape[0] * cfg.k)
+        kept_vals, flat_idx = acts.flatten().topk(n_keep, sorted=False)
+        mask = torch.zeros(acts.numel(), dtype=acts.dtype, device=acts.device)
+        mask.index_fill_(0, flat_idx, 1.0)
+    else:
+        n_keep = acts.shape[0] * info.world_size * cfg.k
+        with torch.no_grad():
+            cut = ddp.global_threshold(acts.detach(), n_keep, info)
+            keep = acts.detach().flatten() >= cut
+        kept_vals = acts.detach().flatten()[keep]
+        mask = keep.to(acts.dtype)
     sparse = acts * mask.view_as(acts)
     full = sae.decode_dense(sparse)
     loss = _sq_err(full, target)
     active = sparse.detach() > 0
     kept = kept_vals.detach()
-    min_kept = kept.masked_fill(kept <= 0, float("inf")).min()  # inf: nothing positive kept
+    # inf: nothing positive kept (a rank may keep nothing at all under torchrun)
+    inf = kept.new_full((1,), float("inf"))
+    min_kept = torch.cat([kept.masked_fill(kept <= 0, float("inf")), inf]).min()
+    if info is not None:
+        min_kept = ddp.min_over_ranks(min_kept.reshape(1), info)[0]  # the global batch's
     return Forward(
         loss,
         target,
@@ -200,12 +221,14 @@ def forward(
     bandwidth: float,
     deterministic: bool = False,
     encoder_bf16: bool = False,
+    info: RankInfo | None = None,
 ) -> Forward:
     """Dispatch on cfg.arch (`deterministic`: bitwise-repeatable GPU kernels, a bit slower;
-    `encoder_bf16`: encoder matmul under bf16 autocast on CUDA)."""
+    `encoder_bf16`: encoder matmul under bf16 autocast on CUDA; `info`: the torchrun ranks, for
+    BatchTopK's global selection)."""
     arch = sae.cfg.arch
     if arch in ("hierarchical", "topk"):
         return forward_topk(sae, x, arch == "hierarchical", deterministic, encoder_bf16)
     if arch == "batchtopk":
-        return forward_batchtopk(sae, x, encoder_bf16)
+        return forward_batchtopk(sae, x, encoder_bf16, info)
     return forward_jumprelu(sae, x, l0_coef, bandwidth, encoder_bf16)

@@ -75,6 +75,36 @@ def mean_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:
     return t / info.world_size
 
 
+def min_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:
+    """Element-wise minimum of a tensor over ranks."""
+    if info.world_size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def global_threshold(local: torch.Tensor, n_keep: int, info: RankInfo) -> torch.Tensor:
+    """The n_keep-th largest value of `local` over all ranks together (BatchTopK's cut).
+
+    Only a rank's own n_keep largest values can be among the global n_keep largest, so each rank
+    contributes those; the all-gather moves world_size · n_keep values, never whole batches.
+    """
+    flat = local.reshape(-1)
+    mine = flat.topk(min(n_keep, flat.numel()), sorted=False).values.float()
+    if info.world_size == 1:
+        return mine.min()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=flat.device) for _ in range(info.world_size)]
+    dist.all_gather(sizes, torch.tensor([mine.numel()], device=flat.device))
+    width = int(max(int(t.item()) for t in sizes))
+    padded = torch.full((width,), float("-inf"), device=flat.device)
+    padded[: mine.numel()] = mine
+    everyone = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(everyone, padded)
+    pool = torch.cat(everyone)
+    return pool.topk(min(n_keep, pool.numel())).values.min()
+
+
 def barrier(info: RankInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

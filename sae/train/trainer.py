@@ -217,6 +217,7 @@ class Trainer:
             cfg.jumprelu_bandwidth,
             cfg.deterministic,
             encoder_bf16=cfg.encoder_dtype == "bfloat16",
+            info=self.info,
         )
         total = fwd.loss
         if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
