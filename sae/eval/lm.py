@@ -59,25 +59,12 @@ def wrap_lm(lm: torch.nn.Module, tokenizer, layer: int, d_model: int, device) ->
 
 def load_lm(model: str, layer: int, d_model: int, *, device: str, dtype: str) -> LoadedLM:
     """Load `model` (hub id, folder or .gguf) whole, with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from sae.harvest.model import (
-        _dtype_kwarg,
-        _load_error,
-        _pretrained_args,
-        load_tokenizer,
-        resolve_dtype,
-    )
+    from sae.harvest.model import load_causal_lm, load_tokenizer, resolve_dtype
     from sae.runtime import resolve_device
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    name, extra = _pretrained_args(model)
     tokenizer = load_tokenizer(model)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(name, **{_dtype_kwarg(): torch_dtype}, **extra)
-    except Exception as err:
-        raise _load_error(model, err) from None
+    lm = load_causal_lm(model, dtype=resolve_dtype(dtype, dev))
     return wrap_lm(lm, tokenizer, layer, d_model, dev)
 
 

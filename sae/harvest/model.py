@@ -152,7 +152,7 @@ def load_layer_model(
     revision: str | None = None,
 ) -> LayerModel:
     """Load ``model`` (hub id, folder or .gguf file) and cut it after block ``layer``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     name, extra = _pretrained_args(model)
     try:
@@ -166,13 +166,20 @@ def load_layer_model(
             f"--layer {layer} is out of range: {model} has {n_layers} blocks, "
             f"so use 0..{n_layers - 1} (layer L = residual stream after block L)"
         )
+    return cut_at_layer(load_causal_lm(model, dtype=dtype, revision=revision), layer, device=device)
+
+
+def load_causal_lm(model: str, *, dtype: torch.dtype, revision: str | None = None):
+    """The whole causal LM (hub id, folder or .gguf file) on the CPU, or a one-line SaeError."""
+    from transformers import AutoModelForCausalLM
+
+    name, extra = _pretrained_args(model)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             name, revision=revision, **{_dtype_kwarg(): dtype}, **extra
         )
     except Exception as err:
         raise _load_error(model, err) from None
-    return cut_at_layer(lm, layer, device=device)
 
 
 def cut_at_layer(lm: torch.nn.Module, layer: int, *, device: torch.device) -> LayerModel:
