@@ -210,16 +210,20 @@ def main() -> None:
     it.stream.close()
     from sae.store import open_cache
 
-    unverified_dir = root / "run-unverified"
+    def e2e(name: str, source: CacheSource) -> float:
+        run = root / name
+        train(config(run, args.steps), source)
+        logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        logs = [r for r in logs if "seconds" in r]
+        first = next(r for r in logs if r["step"] >= args.warmup)
+        return (logs[-1]["tokens"] - first["tokens"]) / (logs[-1]["seconds"] - first["seconds"])
+
     unverified = CacheSource(cache_url)
     unverified.cache = open_cache(cache_url, verify_reads=False)
-    train(config(unverified_dir, args.steps), unverified)
-    logs_u = [json.loads(x) for x in (unverified_dir / "metrics.jsonl").read_text().splitlines()]
-    logs_u = [r for r in logs_u if "seconds" in r]
-    first_u = next(r for r in logs_u if r["step"] >= args.warmup)
-    e2e_unverified = (logs_u[-1]["tokens"] - first_u["tokens"]) / (
-        logs_u[-1]["seconds"] - first_u["seconds"]
-    )
+    e2e_unverified = e2e("run-unverified", unverified)
+    e2e_workers = {
+        w: e2e(f"run-workers-{w}", CacheSource(cache_url, read_workers=w)) for w in (1, 2)
+    }
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -242,6 +246,7 @@ def main() -> None:
         "e2e_vs_kernel_only": e2e_rate / kernel_rate,
         "reader_alone_tokens_per_s": reader_rate,
         "e2e_unverified_tokens_per_s": e2e_unverified,
+        "e2e_verified_by_read_workers": e2e_workers,
         "e2e_steps": summary["steps"],
         "e2e_wall_s": e2e_wall,
         "gpu_peak_gib": peak / 2**30,
@@ -262,6 +267,8 @@ def main() -> None:
     print(f"| end-to-end / kernel-only | {e2e_rate / kernel_rate:.1%} |")
     print(f"| reader alone (no training) tokens/s | {reader_rate:,.0f} |")
     print(f"| end-to-end without checksum verification tokens/s | {e2e_unverified:,.0f} |")
+    for w, rate in e2e_workers.items():
+        print(f"| end-to-end, verified, {w} reader thread(s) tokens/s | {rate:,.0f} |")
     print(f"| GPU memory peak | {peak / 2**30:.2f} GiB |")
 
 

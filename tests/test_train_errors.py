@@ -62,6 +62,11 @@ def test_unknown_encoder_dtype(tmp_path):
         train(_config(tmp_path / "run", encoder_dtype="fp8"), _source())
 
 
+def test_read_workers_must_be_positive(tmp_path):
+    with pytest.raises(SaeError, match="--read-workers must be >= 1, got 0"):
+        train(_config(tmp_path / "run", read_workers=0), _source())
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(_config(tmp_path / "run", tokens=64 * 2), _source())
     with pytest.raises(SaeError, match="already holds a run; pass --resume"):

@@ -58,6 +58,9 @@ def train(
     deterministic: bool = typer.Option(
         False, "--deterministic", help="Bitwise-repeatable GPU kernels (a little slower)."
     ),
+    read_workers: int = typer.Option(
+        2, "--read-workers", help="Cache reader threads (more contend with the training thread)."
+    ),
     encoder_dtype: str = typer.Option(
         "bfloat16",
         "--encoder-dtype",
@@ -101,6 +104,7 @@ def train(
         progress=progress,
         deterministic=deterministic,
         encoder_dtype=encoder_dtype,
+        read_workers=read_workers,
     )
     summary = run_training(cfg)
     keys = ("steps", "tokens", "fvu", "l0", "dead", "tokens_per_s")

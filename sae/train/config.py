@@ -74,6 +74,9 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False  # bitwise-repeatable GPU kernels (sorted reductions, slower)
     encoder_dtype: str = "bfloat16"  # encoder matmul on CUDA: bfloat16 (autocast) | float32
+    # Cache reader threads: 2 keeps an H100 step fed (92 % of the GPU-resident rate at 2304 x
+    # 65,536, K=128; 8 threads contended with the training thread: 86 %).
+    read_workers: int = 2
     # Resolved from the cache / run (not options):
     d_model: int = 0
     input_scale: float = 1.0
@@ -105,6 +108,7 @@ class TrainConfig:
             "--eval-tokens": self.eval_tokens,
             "--log-every": self.log_every,
             "--checkpoint-every": self.checkpoint_every,
+            "--read-workers": self.read_workers,
         }
         if self.arch == "jumprelu":
             positive.pop("--k")

@@ -61,7 +61,8 @@ class _StoreIterator:
 class CacheSource:
     """A Zarr activation cache written by `sae harvest` (train split for training)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, read_workers: int | None = None) -> None:
+        self.read_workers = read_workers  # reader threads (None: the store's default)
         if "://" not in url and not Path(url).exists():
             raise SaeError(
                 f"no cache at {url}; pass the --out directory of `sae harvest` as --cache"
@@ -110,6 +111,7 @@ class CacheSource:
             world_size=world_size,
             epochs=None,
             cursor=cursor,
+            workers=self.read_workers,
         )
         return _StoreIterator(stream)
 

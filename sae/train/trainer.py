@@ -454,7 +454,7 @@ def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
     device = resolve_device(cfg.device)
     info = ddp.setup(str(device))
     if source is None:
-        source = CacheSource(cfg.cache)
+        source = CacheSource(cfg.cache, read_workers=cfg.read_workers)
     torch.manual_seed(cfg.seed + info.rank)
     trainer = Trainer(cfg, source, info, device)
     return trainer.run()
