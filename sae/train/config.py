@@ -74,9 +74,11 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False  # bitwise-repeatable GPU kernels (sorted reductions, slower)
     encoder_dtype: str = "bfloat16"  # encoder matmul on CUDA: bfloat16 (autocast) | float32
-    # Cache reader threads: 2 keeps an H100 step fed (92 % of the GPU-resident rate at 2304 x
-    # 65,536, K=128; 8 threads contended with the training thread: 86 %).
-    read_workers: int = 2
+    # Cache reader threads: one keeps an H100 step fed from a warm cache (93-95 % of the
+    # GPU-resident rate at 2304 x 65,536, K=128, in two runs; 2 threads 88-92 %, 8 threads 83-86 %:
+    # the reader's threads take CPU from the thread launching the kernels). Cold or remote
+    # caches may want more.
+    read_workers: int = 1
     # Resolved from the cache / run (not options):
     d_model: int = 0
     input_scale: float = 1.0
