@@ -340,6 +340,13 @@ def test_cursor_resumes_same_stream(tmp_path):
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == before
+    # ... and so does leaving a loop over a stream that is never closed (a notebook's `break`)
+    for _ in cache.batches(50, epochs=None, shuffle_rows=96):
+        break
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
 
 
 def test_mismatched_config_refused(url):

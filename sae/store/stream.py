@@ -352,13 +352,18 @@ class BatchStream:
         if self._iter is not None:
             raise SaeError("a BatchStream can be iterated once; make a new one (pass cursor=)")
         self._iter = _Prefetch(self._batches(), self._prefetch_depth, "cache-batches")
-        for item in self._iter:
-            batch, event, epoch, rows = item
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-                batch.record_stream(torch.cuda.current_stream(self.device))
-            self._last = (epoch, rows)
-            yield batch
+        try:
+            for item in self._iter:
+                batch, event, epoch, rows = item
+                if event is not None:
+                    torch.cuda.current_stream(self.device).wait_event(event)
+                    batch.record_stream(torch.cuda.current_stream(self.device))
+                self._last = (epoch, rows)
+                yield batch
+        finally:
+            # Also when the consumer breaks out of its loop or drops the iterator: the reader
+            # threads and their ~3 shuffle windows of buffers go with it.
+            self.close()
 
     def cursor(self) -> dict:
         """Where the stream stands after the last batch it yielded (JSON-serialisable)."""
