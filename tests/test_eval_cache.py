@@ -73,6 +73,24 @@ def test_eval_refuses_a_cache_of_another_layer(tmp_path, cache_url, capsys) -> N
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
+def test_eval_any_model_accepts_another_model_name_but_not_another_layer(
+    tmp_path, cache_url, capsys
+) -> None:
+    """--any-model: a cache of the same model under another name (a local copy) is accepted."""
+    _, run = planted_run(tmp_path, model="/models/local-copy")
+    assert run_cli(["eval", run, "--cache", cache_url, "--device", "cpu", "--k", "1"]) == 2
+    assert "or pass --any-model" in capsys.readouterr().err
+    args = ["eval", run, "--cache", cache_url, "--device", "cpu", "--k", "1", "--any-model"]
+    assert run_cli(args) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["results"][0]["k"] == 1
+    _, other_layer = planted_run(tmp_path / "b", layer=3, model="/models/local-copy")
+    assert (
+        run_cli(["eval", other_layer, "--cache", cache_url, "--device", "cpu", "--any-model"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "layer 0 vs 3" in err and "--any-model" not in err
+
+
 def test_eval_refuses_what_is_not_an_sae(tmp_path, cache_url, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert run_cli(["eval", str(tmp_path / "empty"), "--cache", cache_url]) == 2

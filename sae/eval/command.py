@@ -51,6 +51,12 @@ def eval_command(
         2, "--text-batch", help="Downstream windows per forward (logits are batch×context×vocab)."
     ),
     dtype: str = typer.Option("auto", "--dtype", help="Downstream model dtype: auto, bf16, fp32."),
+    any_model: bool = typer.Option(
+        False,
+        "--any-model",
+        help="Accept a cache whose model name differs from the SAE's (e.g. a local copy of it); "
+        "layer and d_model are still checked.",
+    ),
 ) -> None:
     """Held-out FVU/EV/MSE/ℓ0/dead latents at each inference k, and downstream CE/KL."""
     from pathlib import Path
@@ -88,7 +94,14 @@ def eval_command(
         from sae.eval.pipeline import evaluate_on_cache
 
         result = evaluate_on_cache(
-            sae, cache, plan, run=run, tokens=parse_count(tokens), batch=batch, device=dev
+            sae,
+            cache,
+            plan,
+            run=run,
+            tokens=parse_count(tokens),
+            batch=batch,
+            device=dev,
+            any_model=any_model,
         )
     doc = eval_document(run, sae, cache, result)
     if model is not None:

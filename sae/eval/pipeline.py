@@ -18,12 +18,16 @@ from sae.eval.evaluate import EvalPlan, EvalResult, Setting, evaluate_sae
 EVAL_FILE = "eval.json"
 
 
-def check_cache_matches(sae_cfg, cache, run: str) -> None:
-    """Refuse a cache harvested from another model, layer or width than the SAE's inputs."""
+def check_cache_matches(sae_cfg, cache, run: str, *, any_model: bool = False) -> None:
+    """Refuse a cache harvested from another model, layer or width than the SAE's inputs.
+
+    Models are compared by the name the harvest was given, so a local copy of the SAE's model
+    (a folder or .gguf file) reads as another model: `any_model` (--any-model) skips that check.
+    """
     problems = []
     if int(cache.d_model) != sae_cfg.d_model:
         problems.append(f"d_model {cache.d_model} vs {sae_cfg.d_model}")
-    if sae_cfg.model and str(cache.model) != sae_cfg.model:
+    if sae_cfg.model and str(cache.model) != sae_cfg.model and not any_model:
         problems.append(f"model {cache.model!r} vs {sae_cfg.model!r}")
     if sae_cfg.layer >= 0 and int(cache.layer) != sae_cfg.layer:
         problems.append(f"layer {cache.layer} vs {sae_cfg.layer}")
@@ -32,6 +36,11 @@ def check_cache_matches(sae_cfg, cache, run: str) -> None:
             f"cache {cache.url} does not hold the SAE's inputs ({'; '.join(problems)}: cache vs "
             f"SAE in {run}); evaluate on a cache harvested from model {sae_cfg.model or '?'} at "
             f"layer {sae_cfg.layer} (d_model {sae_cfg.d_model})"
+            + (
+                ", or pass --any-model if the cache's model is the same one under another name"
+                if any(p.startswith("model ") for p in problems)
+                else ""
+            )
         )
 
 
@@ -70,7 +79,9 @@ def heldout_batches(cache, batch: int, tokens: int | None, device) -> tuple[Iter
     return rows(), n
 
 
-def evaluate_on_cache(sae, cache_url: str, plan: EvalPlan, *, run: str, tokens, batch, device):
+def evaluate_on_cache(
+    sae, cache_url: str, plan: EvalPlan, *, run: str, tokens, batch, device, any_model=False
+):
     """Open the cache, check it, and evaluate every setting of `plan` on its held-out rows."""
     from sae.progress import make_progress
     from sae.store import open_cache
@@ -78,7 +89,7 @@ def evaluate_on_cache(sae, cache_url: str, plan: EvalPlan, *, run: str, tokens, 
     if "://" not in cache_url and not Path(cache_url).exists():
         raise SaeError(f"no cache at {cache_url}; pass the --out directory of `sae harvest`")
     cache = open_cache(cache_url)
-    check_cache_matches(sae.cfg, cache, run)
+    check_cache_matches(sae.cfg, cache, run, any_model=any_model)
     batches, n = heldout_batches(cache, batch, tokens, device)
     with make_progress("tok") as progress:
         task = progress.add_task("eval held-out", total=n)
