@@ -89,18 +89,14 @@ def global_threshold(local: torch.Tensor, n_keep: int, info: RankInfo) -> torch.
 
     Only a rank's own n_keep largest values can be among the global n_keep largest, so each rank
     contributes those; the all-gather moves world_size · n_keep values, never whole batches.
+    Every rank's `local` has the same shape (the trainer gives each rank batch // world rows).
     """
     flat = local.reshape(-1)
     mine = flat.topk(min(n_keep, flat.numel()), sorted=False).values.float()
     if info.world_size == 1:
         return mine.min()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=flat.device) for _ in range(info.world_size)]
-    dist.all_gather(sizes, torch.tensor([mine.numel()], device=flat.device))
-    width = int(max(int(t.item()) for t in sizes))
-    padded = torch.full((width,), float("-inf"), device=flat.device)
-    padded[: mine.numel()] = mine
-    everyone = [torch.empty_like(padded) for _ in range(info.world_size)]
-    dist.all_gather(everyone, padded)
+    everyone = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
     pool = torch.cat(everyone)
     return pool.topk(min(n_keep, pool.numel())).values.min()
 

@@ -249,8 +249,11 @@ class Trainer:
         return fwd
 
     def _update_theta(self, min_kept: torch.Tensor) -> None:
-        """BatchTopK θ: running mean of the smallest kept activation, used at inference."""
-        value = ddp.mean_over_ranks(min_kept.reshape(1), self.info)[0]
+        """BatchTopK θ: running mean of the smallest kept activation, used at inference.
+
+        min_kept is already the global batch's (forward_batchtopk reduces it over ranks).
+        """
+        value = min_kept
         valid = torch.isfinite(value)
         m = self.cfg.theta_momentum
         blended = torch.where(self.theta_count == 0, value, m * self.theta + (1 - m) * value)
