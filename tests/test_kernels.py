@@ -227,6 +227,10 @@ def test_accumulation_knob_rejects_unknown_value(gen, monkeypatch):
     w.requires_grad_()
     with pytest.raises(ValueError, match="SAE_KERNELS_WGRAD must be one of segment, atomic"):
         kernels.topk_decode(vals, idx, w, bias, backend="triton").sum().backward()
+    monkeypatch.delenv("SAE_KERNELS_WGRAD")
+    monkeypatch.setenv("SAE_KERNELS_SEG_TILE", "8,64")
+    with pytest.raises(ValueError, match='SAE_KERNELS_SEG_TILE must be three integers "a,b,warps"'):
+        kernels.topk_decode(vals, idx, w, bias, backend="triton").sum().backward()
 
 
 def test_deterministic_mode_repeats_bitwise(gen):

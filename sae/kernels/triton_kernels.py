@@ -301,7 +301,6 @@ def segment_rows_kernel(
     coef_ptr,
     order_ptr,
     seg_ptr,
-    latent_ptr,
     d_start,
     d_end,
     src_col0,
@@ -309,28 +308,21 @@ def segment_rows_kernel(
     stride_src,
     stride_out,
     HAS_COEF: tl.constexpr,
-    HAS_LATENTS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Scatter-add without atomics: out[f_u] (+)= Σ_{p in segment u} coef[item_p] · src[item_p // row_div].
+    """Scatter-add without atomics: out[f] = Σ_{p in segment f} coef[item_p] · src[item_p // row_div].
 
-    Items are the flattened (b, k) pairs sorted (stably) by latent; segment u holds latent f_u's
-    items (f_u = latent_ptr[u], or u itself when every latent has a segment, empty or not). One
-    program sums one segment's rows for one D-chunk, BLOCK_P items at a time, in a fixed order:
-    each output row is written once (no zero-fill, no atomics) and results repeat bit for bit.
+    Items are the flattened (b, k) pairs sorted (stably) by latent; segment f holds latent f's
+    items (every latent has one, empty or not). One program sums one segment's rows for one
+    D-chunk, BLOCK_P items at a time, in a fixed order: each output row is written once (no zero-fill, no atomics) and results repeat bit for bit.
     Grids run latents fastest so the programs resident together read one (rows, BLOCK_D) slice
     of src, which stays in L2.
     """
-    u = tl.program_id(0)
+    f = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    start = tl.load(seg_ptr + u)
-    end = tl.load(seg_ptr + u + 1)
-    if HAS_LATENTS:
-        f = tl.load(latent_ptr + u).to(tl.int64)
-    else:
-        f = u.to(tl.int64)
+    start = tl.load(seg_ptr + f)
+    end = tl.load(seg_ptr + f + 1)
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
@@ -349,11 +341,7 @@ def segment_rows_kernel(
             s *= tl.load(coef_ptr + item, mask=mp, other=0.0).to(tl.float32)[:, None]
         acc += s
         p += BLOCK_P
-    total = tl.sum(acc, axis=0)
-    ptrs = out_ptr + f * stride_out + offs_d
-    if ACCUMULATE:
-        total += tl.load(ptrs, mask=md, other=0.0)
-    tl.store(ptrs, total, mask=md)
+    tl.store(out_ptr + f * stride_out + offs_d, tl.sum(acc, axis=0), mask=md)
 
 
 @triton.jit

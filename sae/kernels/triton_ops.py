@@ -25,7 +25,7 @@ MAX_K = 1024
 # Tests set SAE_KERNELS_POISON=1: outputs the kernels must fully write start as NaN, so an
 # element a kernel forgot to write fails the comparison instead of passing as stale zeros.
 POISON_ENV = "SAE_KERNELS_POISON"
-# Benchmark knobs (read at call time): how W's gradient rows and dL/dvals are accumulated.
+# Benchmark knob (read at call time): how the sparse ops accumulate W's gradient rows.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 _TILE = 8192  # elements of the [K_PAD, BLOCK_D] register tile
 
@@ -40,6 +40,18 @@ def _geometry(k: int, d: int) -> tuple[int, int, int]:
     return k_pad, block_d, warps
 
 
+def _tile(env: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A kernel's (block, block, num_warps), or the override "a,b,warps" in `env` (for tuning)."""
+    override = os.environ.get(env)
+    if not override:
+        return default
+    try:
+        a, b, warps = (int(v) for v in override.split(","))
+    except ValueError:
+        raise ValueError(f'{env} must be three integers "a,b,warps", got {override!r}') from None
+    return a, b, warps
+
+
 def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_D, num_warps) of the hierarchical kernel: rows x columns per program.
 
@@ -49,11 +61,9 @@ def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     """
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
-    override = os.environ.get("SAE_KERNELS_HIER_TILE")
     # Tuned on the H100 at B=8192, K=128: 8.6 ms at (64, 64, 8) vs 9.1-11.4 ms for the others.
-    bb, bd, warps = (int(v) for v in override.split(",")) if override else (64, 64, 8)
-    bd = max(16, min(bd, triton.next_power_of_2(d)))
-    return bb, bd, warps
+    bb, bd, warps = _tile("SAE_KERNELS_HIER_TILE", (64, 64, 8))
+    return bb, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -77,46 +87,34 @@ def _segment_geometry(d: int) -> tuple[int, int, int]:
 
     SAE_KERNELS_SEG_TILE="bp,bd,warps" overrides, for tuning runs.
     """
-    override = os.environ.get("SAE_KERNELS_SEG_TILE")
     # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.80 ms at (8, 64, 1), 2.05 at
     # (4, 64, 1), 2.8 at (8, 64, 2), 6.3 at (16, 128, 4); atomics 3.5): many resident programs
     # hide the latency of each segment's dependent order -> row loads.
-    bp, bd, warps = (int(v) for v in override.split(",")) if override else (8, 64, 1)
+    bp, bd, warps = _tile("SAE_KERNELS_SEG_TILE", (8, 64, 1))
     return bp, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
-def latent_segments(
-    idx: torch.Tensor, n_latents: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(order, seg, latents): flattened (b, k) items stably sorted by latent, segment offsets.
-
-    With n_latents, every latent gets a (possibly empty) segment, seg has n_latents + 1 entries
-    and latents is None: a reduction over them writes every output row exactly once.
-    """
+def latent_segments(idx: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, seg): the flattened (b, k) items stably sorted by latent, and each latent's
+    segment [seg[f], seg[f + 1]) of that order (empty for latents that never appear)."""
     flat = idx.reshape(-1)
-    sorted_lat, order = torch.sort(flat.to(torch.int32), stable=True)
-    if n_latents is not None:
-        seg = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
-        seg[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
-        return order, seg, None
-    latents, counts = torch.unique_consecutive(sorted_lat, return_counts=True)
-    seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=idx.device)
-    seg[1:] = counts.cumsum(0)
-    return order, seg, latents.long()
+    order = torch.sort(flat.to(torch.int32), stable=True).indices
+    seg = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
+    seg[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    return order, seg
 
 
 def _segment_add(
     out: torch.Tensor,
-    segs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    segs: tuple[torch.Tensor, torch.Tensor],
     src: torch.Tensor,
     coef: torch.Tensor | None,
     row_div: int,
     d_start: int,
     d_end: int,
-    accumulate: bool,
 ) -> None:
-    """out[f] (+)= Σ coef · src rows over each latent's segment, columns [d_start, d_end)."""
-    order, seg, latents = segs
+    """out[f, d_start:d_end] = Σ coef · src rows over latent f's segment, every row written."""
+    order, seg = segs
     n_seg = seg.numel() - 1
     if n_seg == 0 or d_end <= d_start:
         return
@@ -128,7 +126,6 @@ def _segment_add(
         coef if coef is not None else src,
         order,
         seg,
-        latents if latents is not None else seg,
         d_start,
         d_end,
         d_start if row_div == 1 else 0,
@@ -136,22 +133,18 @@ def _segment_add(
         src.stride(0),
         out.stride(0),
         HAS_COEF=coef is not None,
-        HAS_LATENTS=latents is not None,
-        ACCUMULATE=accumulate,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         num_warps=warps,
     )
 
 
-def _segment_sum(values: torch.Tensor, segs, n: int) -> torch.Tensor:
-    """(n,) per-latent sums of flattened values in a fixed order (float64 prefix sums)."""
-    order, seg, latents = segs
+def _segment_sum(values: torch.Tensor, segs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-latent sums of flattened values in a fixed order (float64 prefix sums)."""
+    order, seg = segs
     csum = torch.zeros(order.numel() + 1, dtype=torch.float64, device=values.device)
     csum[1:] = values.reshape(-1)[order].double().cumsum(0)
-    out = torch.zeros(n, dtype=torch.float64, device=values.device)
-    out[latents] = csum[seg[1:]] - csum[seg[:-1]]
-    return out
+    return csum[seg[1:]] - csum[seg[:-1]]
 
 
 def sparse_decode(vals, idx, w, bias, out_dtype) -> torch.Tensor:
@@ -190,6 +183,7 @@ def sparse_outer_backward(
     want_w: bool,
     want_dot: bool,
     deterministic: bool,
+    segs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(gW, dots): gW[f] = Σ_{idx[b,k]=f} coef[b,k] · vec[b]; dots[b,k] = <vec[b], w[idx[b,k]]>.
 
@@ -240,8 +234,8 @@ def sparse_outer_backward(
             num_warps=warps,
         )
     if want_w and not atomic and n > 0:
-        segs = latent_segments(idx, f)
-        _segment_add(gw, segs, vec, coef.reshape(-1), k, 0, d, accumulate=False)
+        segs = segs if segs is not None else latent_segments(idx, f)
+        _segment_add(gw, segs, vec, coef.reshape(-1), k, 0, d)
     if dots is not None and deterministic:
         dots = dots.sum(0)
     return gw, dots
@@ -339,7 +333,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 for d0 in range(0, d, group):
                     d1 = min(d, d0 + group)
                     launch(d0, d1, 2, buf)
-                    _segment_add(gw, segs, buf, None, 1, d0, d1, accumulate=False)
+                    _segment_add(gw, segs, buf, None, 1, d0, d1)
         loss = loss_part.sum() / max(n * n_j, 1)
         if want_grad:
             if not gv_atomic:
@@ -423,13 +417,16 @@ class TopKEncode(torch.autograd.Function):
         g_x = g_w = g_b = g_pre = None
         if need_x:
             g_x = sparse_decode(g, idx, w_enc.contiguous(), None, x.dtype)
+        f = w_enc.shape[0]
+        # One latent sort serves W_enc's gradient and, in deterministic mode, b_enc's.
+        need_sums = need_b or need_pre
+        segs = latent_segments(idx, f) if need_w or (need_sums and ctx.deterministic) else None
         if need_w:
-            gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic)
+            gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic, segs)
             g_w = gw.to(w_enc.dtype)
-        if need_b or need_pre:
-            f = w_enc.shape[0]
+        if need_sums:
             if ctx.deterministic:
-                per_latent = _segment_sum(g, latent_segments(idx), f).float()
+                per_latent = _segment_sum(g, segs).float()
             else:
                 per_latent = torch.zeros(f, dtype=torch.float32, device=g.device)
                 per_latent.index_add_(0, idx.reshape(-1), g.reshape(-1))
