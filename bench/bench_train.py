@@ -94,6 +94,14 @@ def time_windows(fn, device, warmup: int, windows: int, per_window: int) -> floa
     return statistics.median(times)
 
 
+def steady_rate(run_dir: Path, warmup: int) -> float:
+    """Tokens/s of a finished run between its first metrics log at step >= warmup and its last."""
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if "seconds" in r]
+    first = next(r for r in logs if r["step"] >= warmup)
+    return (logs[-1]["tokens"] - first["tokens"]) / (logs[-1]["seconds"] - first["seconds"])
+
+
 def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[float, float]:
     """Median seconds of one training step, and of fwd+bwd alone, on GPU-resident batches."""
     from sae.kernels import hierarchical_loss, topk_encode
@@ -188,11 +196,7 @@ def main() -> None:
     summary = train(config(run_dir, args.steps))
     e2e_wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logs = [r for r in logs if "seconds" in r]
-    first = next(r for r in logs if r["step"] >= args.warmup)
-    last = logs[-1]
-    e2e_rate = (last["tokens"] - first["tokens"]) / (last["seconds"] - first["seconds"])
+    e2e_rate = steady_rate(run_dir, args.warmup)
     kernel_rate = shape["batch"] / step_s
 
     # --- where an end-to-end gap comes from: the reader alone, and e2e without checksums -------
@@ -211,12 +215,8 @@ def main() -> None:
     from sae.store import open_cache
 
     def e2e(name: str, source: CacheSource) -> float:
-        run = root / name
-        train(config(run, args.steps), source)
-        logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        logs = [r for r in logs if "seconds" in r]
-        first = next(r for r in logs if r["step"] >= args.warmup)
-        return (logs[-1]["tokens"] - first["tokens"]) / (logs[-1]["seconds"] - first["seconds"])
+        train(config(root / name, args.steps), source)
+        return steady_rate(root / name, args.warmup)
 
     unverified = CacheSource(cache_url)
     unverified.cache = open_cache(cache_url, verify_reads=False)

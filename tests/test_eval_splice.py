@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tinylm import D_MODEL, tiny_gemma
 
 from sae.cli import main
 from sae.eval.evaluate import Setting
@@ -13,28 +14,7 @@ from sae.eval.lm import wrap_lm
 from sae.eval.splice import splice_eval
 from sae.train.model import SAEConfig, SparseAutoencoder
 
-D = 64
-
-
-def tiny_gemma(n_layers: int = 2):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(
-        vocab_size=128,
-        hidden_size=D,
-        intermediate_size=128,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=32,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(config).eval()
+D = D_MODEL
 
 
 class RecordingSAE(SparseAutoencoder):
@@ -61,7 +41,7 @@ def exact_sae(layer: int, scale: float = 1.0) -> RecordingSAE:
 
 
 def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
-    lm = tiny_gemma()
+    lm = tiny_gemma(n_layers=2)
     layer = 0
     wrapped = wrap_lm(lm, None, layer, D, "cpu")
     sae = exact_sae(layer, scale=0.5)  # a power of two keeps the scaling exact
@@ -91,7 +71,7 @@ def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
 def test_model_must_fit_the_sae() -> None:
     from sae.errors import SaeError
 
-    lm = tiny_gemma()
+    lm = tiny_gemma(n_layers=2)
     with pytest.raises(SaeError, match="has 2 blocks"):
         wrap_lm(lm, None, 5, D, "cpu")
     with pytest.raises(SaeError, match="hidden size is 64 but the SAE's d_model is 32"):

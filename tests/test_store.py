@@ -336,51 +336,28 @@ def test_cursor_resumes_same_stream(tmp_path):
     it = iter(stream)
     next(it)
     stream.close()
-    deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
+
+    def threads_settle() -> int:
+        deadline = time.time() + 5
+        while threading.active_count() > before and time.time() < deadline:
+            time.sleep(0.05)
+        return threading.active_count()
+
+    assert threads_settle() == before
     # ... and so does leaving a loop over a stream that is never closed (a notebook's `break`)
     for _ in cache.batches(50, epochs=None, shuffle_rows=96):
         break
-    deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
+    assert threads_settle() == before
 
 
 def test_mismatched_config_refused(url):
     write(url, 200)
+    shape = {"total_tokens": 200, "attrs": {}, "chunk_rows": 32, "shard_rows": 64}
     with pytest.raises(SaeError, match="d_model"):
-        CacheWriter(
-            url,
-            d_model=D * 2,
-            total_tokens=200,
-            identity={**IDENTITY, "d_model": D * 2},
-            attrs={},
-            chunk_rows=32,
-            shard_rows=64,
-        )
+        CacheWriter(url, d_model=D * 2, identity={**IDENTITY, "d_model": D * 2}, **shape)
     with pytest.raises(SaeError, match="layer=3 in the cache, 4 now"):
-        CacheWriter(
-            url,
-            d_model=D,
-            total_tokens=200,
-            identity={**IDENTITY, "layer": 4},
-            attrs={},
-            chunk_rows=32,
-            shard_rows=64,
-        )
-    w = CacheWriter(
-        url,
-        d_model=D,
-        total_tokens=200,
-        identity={**IDENTITY, "layer": 4},
-        attrs={},
-        chunk_rows=32,
-        shard_rows=64,
-        overwrite=True,
-    )
+        CacheWriter(url, d_model=D, identity={**IDENTITY, "layer": 4}, **shape)
+    w = CacheWriter(url, d_model=D, identity={**IDENTITY, "layer": 4}, overwrite=True, **shape)
     assert w.committed == 0
     with pytest.raises(SaeError, match=r"expected \(n, 16\)"):
         w.append(np.zeros((4, 8), np.float32), np.arange(4), np.arange(4))

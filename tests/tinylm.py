@@ -49,8 +49,8 @@ def make_tokenizer(out_dir: str | Path, *, vocab_size: int = VOCAB):
     return wrapped
 
 
-def make_model(out_dir: str | Path, *, n_layers: int = N_LAYERS, seed: int = 0):
-    """A random-init Gemma-2 with d_model 64, saved in fp32 safetensors."""
+def tiny_gemma(*, n_layers: int = N_LAYERS, seed: int = 0):
+    """A random-init Gemma-2 with d_model 64 (vocabulary VOCAB), in eval mode."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -69,7 +69,12 @@ def make_model(out_dir: str | Path, *, n_layers: int = N_LAYERS, seed: int = 0):
         bos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config).eval()
+    return Gemma2ForCausalLM(config).eval()
+
+
+def make_model(out_dir: str | Path, *, n_layers: int = N_LAYERS, seed: int = 0):
+    """tiny_gemma, saved in fp32 safetensors."""
+    model = tiny_gemma(n_layers=n_layers, seed=seed)
     model.save_pretrained(str(out_dir))
     return model
 
