@@ -13,6 +13,7 @@ import torch
 import triton
 
 from sae.kernels.reference import loss_indices
+from sae.kernels.topk import row_topk
 from sae.kernels.triton_kernels import (
     gather_sum_kernel,
     hierarchical_kernel,
@@ -398,7 +399,7 @@ class TopKEncode(torch.autograd.Function):
         # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
         # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
         pre = torch.addmm(b_enc.to(x.dtype), x, w_enc.to(x.dtype).T)
-        vals, idx = pre.topk(k, dim=-1, sorted=True)
+        vals, idx = row_topk(pre, k)
         del pre
         vals = vals.relu()
         ctx.save_for_backward(x, w_enc, idx, vals)
