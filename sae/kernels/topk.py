@@ -77,8 +77,8 @@ def row_topk_kernel(
     stride_x,
     stride_v,
     stride_i,
+    K,
     N: tl.constexpr,
-    K: tl.constexpr,
     G: tl.constexpr,
     NG_PAD: tl.constexpr,
     CAP: tl.constexpr,
@@ -86,8 +86,9 @@ def row_topk_kernel(
 ):
     """Top K of row program_id(0) of x (B, N) into vals/idx (B, K); see the module docstring.
 
-    N and K are compile-time constants (one compile per model width and k; the row loops get
-    static bounds). Scratch per row: gmax (NG_PAD,) int32, buf (CAP,) int64, cnt (4,) int32 zeroed here.
+    N is a compile-time constant (one compile per model width; the row loops get static
+    bounds); K is not, so an eval sweeping k compiles once per (G, CAP) bucket, not per k.
+    Scratch per row: gmax (NG_PAD,) int32, buf (CAP,) int64, cnt (4,) int32 zeroed here.
     """
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_x
@@ -212,8 +213,8 @@ def row_topk(
         x.stride(0),
         vals.stride(0),
         idx.stride(0),
+        k,
         N=n,
-        K=k,
         G=g,
         NG_PAD=ng_pad,
         CAP=cap,
