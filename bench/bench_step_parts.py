@@ -5,6 +5,11 @@ compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read a
   ptx:     which global memory / atomic instructions the compiled kernels use (vector width).
   wgrad:   W_enc's gradient by atomics vs the sorted segment reduction over tiles; the sort.
   hier:    the hierarchical op over tiles; the TopK op with each W_dec-gradient variant.
+  topk:    torch.topk vs the row top-k kernel (sae/kernels/topk.py) over bf16 rows of F
+           columns, per tile; values checked equal to torch.topk's.
+  adam:    the trainer's optimiser step — W_dec gradient projection + fused Adam + row
+           renormalisation as three PyTorch steps vs DecoderAdam (one Triton pass over W_dec);
+           both from the same state, checked to agree.
   step:    the full step (bf16 encoder, top-k, hierarchical loss, all backwards, fused Adam)
            with one knob changed at a time.
 Shapes: F = 65,536, D = 2304, B = 8192, K = 128 unless --k / --batch say otherwise.
@@ -130,6 +135,95 @@ def part_hier(b, k, gen, log) -> list[dict]:
     return rows
 
 
+TOPK_TILES = ("1024,4,4", "512,4,4", "1024,4,2", "1024,8,4", "2048,4,4", "4096,4,8")
+
+
+def part_topk(b, k, gen, log) -> list[dict]:
+    from sae.kernels.topk import row_topk
+
+    # Pre-activations as the encoder makes them (bf16 addmm output), one skewed per-latent bias
+    # so some latents win far more often than others, as in a trained SAE.
+    x = torch.randn(b, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(F, D, device="cuda", generator=gen, dtype=torch.bfloat16) / D**0.5
+    bias = (torch.randn(F, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    pre = torch.addmm(bias, x, w.T)
+    want = pre.topk(k, dim=1, sorted=True).values
+    rows = []
+    ms, _ = timed(lambda: pre.topk(k, dim=1, sorted=True))
+    rows.append({"part": "topk", "variant": "torch.topk", "batch": b, "k": k, "ms": ms})
+    log(f"topk B={b} K={k} torch.topk: {ms:.3f} ms")
+    cases = [(f"select {t}", pre, want, t) for t in TOPK_TILES]
+    ties = pre.float().mul(4).round().to(torch.bfloat16)  # coarse values: ties at the k-th
+    cases.append(("select, coarse ties", ties, ties.topk(k, dim=1, sorted=True).values, None))
+    for name, inp, ref, tile in cases:
+        knobs = {"SAE_KERNELS_TOPK_TILE": tile} if tile else {}
+        with env(**knobs):
+            vals, idx = row_topk(inp, k)
+        exact = bool(torch.equal(vals, ref) and torch.equal(inp.gather(1, idx), vals))
+        ms, _ = timed(lambda inp=inp: row_topk(inp, k), **knobs)
+        rows.append({"part": "topk", "variant": name, "batch": b, "k": k, "ms": ms, "exact": exact})
+        log(f"topk B={b} K={k} {name}: {ms:.3f} ms exact={exact}")
+    return rows
+
+
+def part_adam(b, k, gen, log) -> list[dict]:
+    from sae.train.optim import DecoderAdam
+
+    torch.manual_seed(0)
+    w_dec0 = torch.randn(F, D, device="cuda")
+    w_dec0 /= w_dec0.norm(dim=1, keepdim=True)
+    init = [torch.randn(F, D, device="cuda") / D**0.5, torch.zeros(F, device="cuda"), w_dec0]
+    init.append(torch.randn(D, device="cuda") * 0.1)
+    grads = [torch.randn(t.shape, device="cuda", generator=gen) * 1e-3 for t in init]
+
+    def model():
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        return params
+
+    def three_step(params):
+        opt = torch.optim.Adam(params, lr=1e-5, fused=True)
+        w = params[2]
+
+        @torch.no_grad()
+        def run():
+            w.grad -= (w.grad * w).sum(dim=1, keepdim=True) * w
+            opt.step()
+            w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+        return run
+
+    def fused(params):
+        opt = DecoderAdam(params, params[2], 1e-5, fused=True, fused_decoder=True)
+        return opt.step
+
+    def adam_only(params):
+        return torch.optim.Adam(params, lr=1e-5, fused=True).step
+
+    a, c = model(), model()
+    run_a, run_c = three_step(a), fused(c)
+    for _ in range(3):
+        run_a()
+        run_c()
+    err = float((a[2] - c[2]).detach().norm() / a[2].detach().norm())
+    log(f"adam: W_dec after 3 steps, fused vs three-step rel err {err:.2e}")
+    rows = [{"part": "adam", "variant": "agreement after 3 steps", "rel_err": err}]
+    del a, c, run_a, run_c
+    for name, make in (
+        ("projection + fused Adam + renormalise (before)", three_step),
+        ("DecoderAdam (one pass over W_dec)", fused),
+        ("fused Adam alone (no projection, no renormalise)", adam_only),
+    ):
+        params = model()
+        ms, gib = timed(make(params))
+        rows.append({"part": "adam", "variant": name, "ms": ms, "gib": gib})
+        log(f"adam {name}: {ms:.3f} ms {gib:.2f} GiB")
+        del params
+        torch.cuda.empty_cache()
+    return rows
+
+
 def part_step(b, k, gen, log) -> list[dict]:
     m = Model(gen)
     xs = [torch.randn(b, D, device="cuda", generator=gen) for _ in range(2)]
@@ -157,6 +251,7 @@ def part_step(b, k, gen, log) -> list[dict]:
         "ours, x - b_dec (no b_pre)": (step(b_pre=False), {}),
         "ours, W_enc grad by atomics": (step(), {"SAE_KERNELS_WGRAD": "atomic"}),
         "ours, hier tile 16,64,4 (before)": (step(), {"SAE_KERNELS_HIER_TILE": "16,64,4"}),
+        "ours, torch.topk (before)": (step(), {"SAE_KERNELS_TOPK": "torch"}),
         "ours, no Adam": (step(adam=False), {}),
     }
     rows = []
@@ -178,6 +273,8 @@ def main() -> None:
     parts = {
         "wgrad": part_wgrad,
         "hier": part_hier,
+        "topk": part_topk,
+        "adam": part_adam,
         "step": part_step,
     }
     results: dict[str, list] = {}

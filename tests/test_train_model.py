@@ -49,17 +49,6 @@ def test_threshold_mode_is_jumprelu():
     torch.testing.assert_close(sae(x), sae.decode_dense(dense) / 2.0, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_norm_helpers():
-    sae = _sae()
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    sae.remove_parallel_grad()
-    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
-    with torch.no_grad():
-        sae.W_dec.mul_(3.0)
-    sae.normalize_decoder()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
-
-
 @pytest.mark.parametrize("arch", ["hierarchical", "jumprelu"])
 def test_save_load_round_trip(tmp_path, arch):
     sae = _sae(arch)

@@ -113,20 +113,6 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Put every decoder row back on the unit sphere (done after each optimiser step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    @torch.no_grad()
-    def remove_parallel_grad(self) -> None:
-        """Drop the part of each decoder row's gradient that only changes the row's norm."""
-        g = self.W_dec.grad
-        if g is None:
-            return
-        W = self.W_dec
-        g -= (g * W).sum(dim=1, keepdim=True) * W
-
     # --- forward pieces -------------------------------------------------------------------
     def center(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space input → SAE-space input with the decoder bias removed."""

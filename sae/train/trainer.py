@@ -27,6 +27,7 @@ from sae.train.checkpoint import (
 from sae.train.config import RESUME_FIXED, TOPK_FAMILY, TrainConfig
 from sae.train.data import CacheSource, DataSource
 from sae.train.model import CONFIG_FILE, SparseAutoencoder
+from sae.train.optim import DecoderAdam
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -67,10 +68,11 @@ class Trainer:
         self.seconds_before = 0.0
         self._resolve()
         self.sae = SparseAutoencoder(cfg.sae_config()).to(device)
-        # Fused Adam on CUDA: one kernel over all 302 M parameters at Gemma-2-2B shape (3.2 ms
-        # on an H100) instead of foreach's several passes; CPU keeps the default implementation.
-        self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda"
+        # On CUDA: torch's fused Adam, and W_dec's projection + Adam + renormalisation as one
+        # Triton pass (sae/kernels/decoder_adam.py); CPU runs the same math in plain PyTorch.
+        cuda = device.type == "cuda"
+        self.opt = DecoderAdam(
+            self.sae.parameters(), self.sae.W_dec, cfg.lr, (0.9, 0.999), cuda, cuda
         )
         F = cfg.n_latents
         self.since_fired = torch.zeros(F, dtype=torch.int64, device=device)
@@ -228,9 +230,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         ddp.average_gradients(list(sae.parameters()), self.info)
-        sae.remove_parallel_grad()
-        self.opt.step()
-        sae.normalize_decoder()
+        self.opt.step()  # also keeps W_dec's rows unit-norm (DecoderAdam)
         with torch.no_grad():
             if cfg.arch == "jumprelu":
                 sae.threshold.clamp_(min=1e-6)
