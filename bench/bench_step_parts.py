@@ -144,7 +144,7 @@ def part_hier(b, k, gen, log) -> list[dict]:
     return rows
 
 
-TOPK_TILES = ("1024,4,4", "512,4,4", "1024,4,2", "1024,8,4", "2048,4,4", "4096,4,8")
+TOPK_TILES = ("1024,8,4", "1024,4,4", "512,8,4", "1024,8,2", "2048,8,4", "2048,4,4", "1024,16,4")
 
 
 def part_topk(b, k, gen, log) -> list[dict]:

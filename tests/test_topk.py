@@ -60,7 +60,7 @@ def test_all_winners_in_one_group(gen):
 
 
 def test_falls_back_where_the_kernel_does_not_apply(gen):
-    x = torch.randn(3, 100, generator=gen)  # fewer than 4k columns
+    x = torch.randn(3, 100, generator=gen)  # fewer columns than the default 8k groups
     assert_exact_topk(x, 30, *row_topk(x, 30, "select"))
     y = torch.randint(0, 100, (3, 512), generator=gen)  # integer rows
     vals, _ = row_topk(y, 5, "select")

@@ -5,10 +5,12 @@ radix select with eight counting passes). Most columns cannot be in a row's top 
 proves it: split the row into groups of G columns and take each group's maximum. The k-th
 largest group maximum τ is a lower bound on the row's k-th largest value (the k groups with the
 largest maxima hold k distinct elements ≥ τ), so the row's top k is the top k of the few
-elements ≥ τ (about 1.15·k when there are 4k groups). One program per row:
+elements ≥ τ (about 1.1·k with the default 8k groups). One program per row:
 
-  pass 1: group maxima (as order-preserving int32 keys) -> scratch; sort them; τ = the k-th.
-  pass 2: every element with key ≥ τ goes into a (CAP,) candidate buffer as key<<32 | column.
+  pass 1: group maxima (as order-preserving int32 keys, with their group ids) -> scratch; sort
+          them; τ = the k-th.
+  pass 2: in the k groups with the largest maxima only (an eighth of the row), every element
+          with key ≥ τ goes into a (CAP,) candidate buffer as key<<32 | column.
   rare:   more than CAP candidates (heavy ties): bisect the key space for the exact k-th key
           (one counting pass per step), then keep the keys above it and ties up to k in all.
   last:   sort the buffer, write the first k (values exactly as stored, columns as int64).
@@ -17,7 +19,7 @@ Values equal torch.topk's exactly; ties at the k-th value may pick other, equal-
 (torch.topk promises nothing there either).
 
 Knobs (benchmarks, read at call time): SAE_KERNELS_TOPK = select (default) | torch;
-SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,4,4").
+SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,8,4").
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ TOPK_ENV = "SAE_KERNELS_TOPK"
 TOPK_CHOICES = ("select", "torch")
 TILE_ENV = "SAE_KERNELS_TOPK_TILE"
 # elements per load in the row passes, groups per k (more: fewer candidates, more to sort), warps
-_TILE = (1024, 4, 4)
+_TILE = (1024, 8, 4)
 _MAX_GROUPS = 4096  # group maxima sorted in registers
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,7 +90,7 @@ def row_topk_kernel(
 
     N is a compile-time constant (one compile per model width; the row loops get static
     bounds); K is not, so an eval sweeping k compiles once per (G, CAP) bucket, not per k.
-    Scratch per row: gmax (NG_PAD,) int32, buf (CAP,) int64, cnt (4,) int32 zeroed here.
+    Scratch per row: gmax (NG_PAD,) int64, buf (CAP,) int64, cnt (4,) int32 zeroed here.
     """
     row = tl.program_id(0).to(tl.int64)
     xrow = x_ptr + row * stride_x
@@ -99,33 +101,47 @@ def row_topk_kernel(
     cnt = cnt_ptr + row * 4
     tl.store(cnt + tl.arange(0, 4), tl.zeros([4], tl.int32))
 
-    # pass 1: key of each group's maximum; τ = the K-th largest of them
+    # pass 1: each group's maximum key, packed with the group's id; τ = the K-th largest key
     GPC: tl.constexpr = CHUNK // G
     offs_g = tl.arange(0, GPC)
+    gmax_row = gmax_ptr + row * NG_PAD
     for g0 in range(0, NG_PAD, GPC):
         cols = (g0 + offs_g)[:, None] * G + tl.arange(0, G)[None, :]
         key, _valid = _row_keys(xrow, cols, N)
-        tl.store(gmax_ptr + row * NG_PAD + g0 + offs_g, tl.max(key, axis=1))
+        best = tl.max(key, axis=1).to(tl.int64)
+        tl.store(gmax_row + g0 + offs_g, (best << 32) | (g0 + offs_g).to(tl.int64))
     tl.debug_barrier()
     ranks = tl.arange(0, NG_PAD)
-    gmax = tl.sort(tl.load(gmax_ptr + row * NG_PAD + ranks), descending=True)
-    tau = tl.sum(tl.where(ranks == K - 1, gmax, 0), axis=0).to(tl.int64)
+    groups = tl.sort(tl.load(gmax_row + ranks), descending=True)
+    tau = tl.sum(tl.where(ranks == K - 1, groups, 0), axis=0) >> 32
+    tl.debug_barrier()
+    tl.store(gmax_row + ranks, groups)  # the groups by maximum, for pass 2
+    tl.debug_barrier()
 
-    # pass 2: candidates ≥ τ, slots handed out by an atomic counter (the final sort orders them)
+    # pass 2: candidates ≥ τ. Only the K groups with the largest maxima can hold them (every
+    # element above τ is in a group whose maximum beats τ, and these K groups alone already hold
+    # K elements ≥ τ), so this reads about a quarter of the row. Slots come from an atomic
+    # counter; the final sort orders them.
     total = 0
-    for c0 in range(0, N, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
+    j0 = 0
+    while j0 < K:
+        jj = j0 + offs_g
+        top = jj < K
+        gid = tl.load(gmax_row + jj, mask=top, other=0)
+        gid = gid - ((gid >> 32) << 32)
+        cols = gid[:, None] * G + tl.arange(0, G)[None, :]
         key, valid = _row_keys(xrow, cols, N)
-        hit = (key.to(tl.int64) >= tau) & valid
-        pos = tl.atomic_add(cnt + tl.zeros([CHUNK], tl.int32), 1, mask=hit, sem="relaxed")
-        packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
-        tl.store(buf + pos, packed, mask=hit & (pos < CAP))
-        total += tl.sum(hit.to(tl.int32), axis=0)
+        key64 = key.to(tl.int64)
+        hit = (key64 >= tau) & valid & top[:, None]
+        pos = tl.atomic_add(cnt + tl.zeros([GPC, G], tl.int32), 1, mask=hit, sem="relaxed")
+        tl.store(buf + pos, (key64 << 32) | cols, mask=hit & (pos < CAP))
+        total += tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
+        j0 += GPC
 
     if total > CAP:
         # Heavy ties: find the exact K-th largest key lo (count(≥ lo) ≥ K > count(≥ hi)).
         lo = tau
-        hi = tl.max(gmax, axis=0).to(tl.int64) + 1
+        hi = (tl.max(groups, axis=0) >> 32) + 1
         while hi - lo > 1:
             mid = lo + (hi - lo) // 2
             enough = _count_at_least(xrow, mid, N, CHUNK) >= K
@@ -200,7 +216,7 @@ def row_topk(
     b, n = x.shape
     vals = torch.empty((b, k), dtype=x.dtype, device=x.device)
     idx = torch.empty((b, k), dtype=torch.int64, device=x.device)
-    gmax = torch.empty((b, ng_pad), dtype=torch.int32, device=x.device)
+    gmax = torch.empty((b, ng_pad), dtype=torch.int64, device=x.device)
     buf = torch.empty((b, cap), dtype=torch.int64, device=x.device)
     cnt = torch.empty((b, 4), dtype=torch.int32, device=x.device)
     row_topk_kernel[(b,)](
