@@ -331,13 +331,18 @@ def _harvest_loop(
     show = config.progress and ranks.is_main
     label = "harvest" if ranks.world_size == 1 else f"harvest rank 0/{ranks.world_size}"
     task = progress.add_task(
-        label, total=writer.target, completed=writer.committed, written=format_bytes(0)
+        label,
+        total=writer.target,
+        completed=writer.committed,
+        written=format_bytes(appended * bytes_per_row),
     )
 
     def on_appended(rows: int) -> None:
         nonlocal appended
         appended += rows
-        progress.update(task, advance=rows, written=format_bytes(writer.committed * bytes_per_row))
+        # appended, not committed: the tail commits only when the writer closes, and a bar that
+        # ends at "0 B written" after a short harvest reads as lost data
+        progress.update(task, advance=rows, written=format_bytes(appended * bytes_per_row))
         if kill_at and (writer.committed >= kill_at or appended >= 2 * kill_at):
             _kill_when_committed(writer, kill_at)
 
