@@ -8,8 +8,8 @@ compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read a
   topk:    torch.topk vs the row top-k kernel (sae/kernels/topk.py) over bf16 rows of F
            columns, per tile; values checked equal to torch.topk's.
   adam:    the trainer's optimiser step — W_dec gradient projection + fused Adam + row
-           renormalisation as three PyTorch steps vs DecoderAdam (one Triton pass over W_dec);
-           both from the same state, checked to agree.
+           renormalisation as three PyTorch steps vs DecoderAdam (one Triton pass over W_dec,
+           fp32 or bf16 moments); fp32 paths from the same state, checked to agree.
   step:    the full step (bf16 encoder, top-k, hierarchical loss, all backwards, fused Adam)
            with one knob changed at a time.
 Shapes: F = 65,536, D = 2304, B = 8192, K = 128 unless --k / --batch say otherwise.
@@ -207,6 +207,12 @@ def part_adam(b, k, gen, log) -> list[dict]:
         opt = DecoderAdam(params, params[2], 1e-5, fused=True, fused_decoder=True)
         return opt.step
 
+    def fused_bf16(params):
+        opt = DecoderAdam(
+            params, params[2], 1e-5, fused=True, fused_decoder=True, state_dtype=torch.bfloat16
+        )
+        return opt.step
+
     def adam_only(params):
         return torch.optim.Adam(params, lr=1e-5, fused=True).step
 
@@ -222,6 +228,7 @@ def part_adam(b, k, gen, log) -> list[dict]:
     for name, make in (
         ("projection + fused Adam + renormalise (before)", three_step),
         ("DecoderAdam (one pass over W_dec)", fused),
+        ("DecoderAdam, bf16 moments (--adam-state bfloat16)", fused_bf16),
         ("fused Adam alone (no projection, no renormalise)", adam_only),
     ):
         params = model()

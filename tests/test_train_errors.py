@@ -62,6 +62,25 @@ def test_unknown_encoder_dtype(tmp_path):
         train(_config(tmp_path / "run", encoder_dtype="fp8"), _source())
 
 
+def test_unknown_adam_state(tmp_path):
+    with pytest.raises(
+        SaeError, match="--adam-state must be one of float32, bfloat16, got 'float16'"
+    ):
+        train(_config(tmp_path / "run", adam_state="float16"), _source())
+
+
+def test_bf16_adam_state_trains_and_resumes_either_way(tmp_path):
+    """bf16 moments are stored as bf16, and a run may switch the option when it resumes."""
+    first = train(_config(tmp_path / "run", tokens=64 * 10, adam_state="bfloat16"), _source())
+    state = load_checkpoint(tmp_path / "run")["optimizer"]["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
+    assert first["fvu"] < 1.0
+    summary = train(_config(tmp_path / "run", tokens=64 * 20, resume=True), _source())
+    assert summary["steps"] == 20 and summary["fvu"] == summary["fvu"]
+    state = load_checkpoint(tmp_path / "run")["optimizer"]["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
+
+
 def test_read_workers_must_be_positive(tmp_path):
     with pytest.raises(SaeError, match="--read-workers must be >= 1, got 0"):
         train(_config(tmp_path / "run", read_workers=0), _source())

@@ -70,6 +70,12 @@ def train(
         help="Encoder matmul precision on CUDA: bfloat16 (autocast; the step is about 2.5x faster "
         "at Gemma-2-2B shape) or float32. CPU runs always use float32.",
     ),
+    adam_state: str = typer.Option(
+        "float32",
+        "--adam-state",
+        help="Adam moments: float32, or bfloat16 (stochastic rounding; half the optimiser "
+        "memory, about 0.7 ms less per step at Gemma-2-2B shape). May change on --resume.",
+    ),
 ) -> None:
     """Train a sparse autoencoder on a cache's train split; evaluate on its held-out split."""
     import json
@@ -107,6 +113,7 @@ def train(
         progress=progress,
         deterministic=deterministic,
         encoder_dtype=encoder_dtype,
+        adam_state=adam_state,
         read_workers=read_workers,
     )
     summary = run_training(cfg)

@@ -16,6 +16,7 @@ from sae.train.model import ARCHS, SAEConfig
 TOPK_FAMILY = ("hierarchical", "topk", "batchtopk")
 B_DEC_INITS = ("median", "mean")
 ENCODER_DTYPES = ("bfloat16", "float32")
+ADAM_STATES = ("float32", "bfloat16")
 
 # Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
 RESUME_FIXED = (
@@ -74,6 +75,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False  # bitwise-repeatable GPU kernels (sorted reductions, slower)
     encoder_dtype: str = "bfloat16"  # encoder matmul on CUDA: bfloat16 (autocast) | float32
+    adam_state: str = "float32"  # Adam moments: float32 | bfloat16 (stochastic rounding)
     # Cache reader threads: one keeps an H100 step fed from a warm cache (93-95 % of the
     # GPU-resident rate at 2304 x 65,536, K=128, in two runs; 2 threads 88-92 %, 8 threads 83-86 %:
     # the reader's threads take CPU from the thread launching the kernels). Cold or remote
@@ -98,6 +100,10 @@ class TrainConfig:
             raise SaeError(
                 f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, "
                 f"got {self.encoder_dtype!r}"
+            )
+        if self.adam_state not in ADAM_STATES:
+            raise SaeError(
+                f"--adam-state must be one of {', '.join(ADAM_STATES)}, got {self.adam_state!r}"
             )
         if self.n_latents is not None and self.expansion is not None:
             raise SaeError("pass either --latents or --expansion, not both")

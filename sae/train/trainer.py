@@ -72,7 +72,13 @@ class Trainer:
         # Triton pass (sae/kernels/decoder_adam.py); CPU runs the same math in plain PyTorch.
         cuda = device.type == "cuda"
         self.opt = DecoderAdam(
-            self.sae.parameters(), self.sae.W_dec, cfg.lr, (0.9, 0.999), cuda, cuda
+            self.sae.parameters(),
+            self.sae.W_dec,
+            cfg.lr,
+            (0.9, 0.999),
+            fused=cuda,
+            fused_decoder=cuda,
+            state_dtype=getattr(torch, cfg.adam_state),
         )
         F = cfg.n_latents
         self.since_fired = torch.zeros(F, dtype=torch.int64, device=device)
