@@ -14,17 +14,4 @@ for st in float32 bfloat16; do
     --out "$out/run-$st" --overwrite --eval-every 0 --no-progress "$@"
   sae eval "$out/run-$st" --cache "$cache" --k 1,2,4,8,16,32 > /dev/null
 done
-python3 - "$out" <<'PY'
-import json
-import sys
-
-out = sys.argv[1]
-runs = {st: json.load(open(f"{out}/run-{st}/eval.json")) for st in ("float32", "bfloat16")}
-print("| k | FVU, fp32 moments | FVU, bf16 moments |")
-print("|---|---|---|")
-bf16 = {r["k"]: r for r in runs["bfloat16"]["results"] if r["mode"] == "topk"}
-for r in runs["float32"]["results"]:
-    if r["mode"] == "topk" and r["k"] in bf16:
-        print(f"| {r['k']} | {r['fvu']:.4f} | {bf16[r['k']]['fvu']:.4f} |")
-print("dead latents:", {st: r["results"][-1]["dead"] for st, r in runs.items()})
-PY
+python3 "$(dirname "$0")/eval_compare.py" "fp32 moments" "$out/run-float32/eval.json" "bf16 moments" "$out/run-bfloat16/eval.json"

@@ -14,17 +14,4 @@ for dt in bfloat16 float32; do
     --encoder-dtype "$dt" --out "$out/run-$dt" --overwrite --eval-every 0 --no-progress
   sae eval "$out/run-$dt" --cache "$out/cache" --k 1,2,4,8,16,32,64 --tokens 1M
 done
-python3 - "$out" <<'PY'
-import json
-import sys
-
-out = sys.argv[1]
-runs = {dt: json.load(open(f"{out}/run-{dt}/eval.json")) for dt in ("bfloat16", "float32")}
-print("| k | FVU, bf16 encoder | FVU, fp32 encoder |")
-print("|---|---|---|")
-fp32 = {r["k"]: r for r in runs["float32"]["results"] if r["mode"] == "topk"}
-for r in runs["bfloat16"]["results"]:
-    if r["mode"] == "topk" and r["k"] in fp32:
-        print(f"| {r['k']} | {r['fvu']:.4f} | {fp32[r['k']]['fvu']:.4f} |")
-print("dead latents:", {dt: r["results"][-1]["dead"] for dt, r in runs.items()})
-PY
+python3 "$(dirname "$0")/eval_compare.py" "bf16 encoder" "$out/run-bfloat16/eval.json" "fp32 encoder" "$out/run-float32/eval.json"

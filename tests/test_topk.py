@@ -7,7 +7,7 @@ import torch
 
 from sae import kernels
 from sae.kernels import reference
-from sae.kernels.topk import TOPK_ENV, row_topk, topk_method
+from sae.kernels.topk import TILE_ENV, TOPK_ENV, row_topk, topk_method
 
 
 @pytest.fixture
@@ -75,6 +75,16 @@ def test_method_knob(monkeypatch):
     monkeypatch.setenv(TOPK_ENV, "radix")
     with pytest.raises(ValueError, match="SAE_KERNELS_TOPK must be one of select, torch"):
         topk_method()
+    monkeypatch.delenv(TOPK_ENV)
+    x = torch.randn(2, 1024)
+    monkeypatch.setenv(TILE_ENV, "1000,8,4")
+    with pytest.raises(ValueError, match="SAE_KERNELS_TOPK_TILE: chunk must be a power of two"):
+        row_topk(x, 4)
+    monkeypatch.setenv(TILE_ENV, "1024,8")
+    with pytest.raises(
+        ValueError, match='SAE_KERNELS_TOPK_TILE must be three integers "a,b,warps"'
+    ):
+        row_topk(x, 4)
 
 
 def test_triton_encoder_uses_it_and_matches_reference(gen, monkeypatch):

@@ -62,6 +62,22 @@ def test_unknown_encoder_dtype(tmp_path):
         train(_config(tmp_path / "run", encoder_dtype="fp8"), _source())
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "arch",
+            "relu",
+            "--arch must be one of hierarchical, topk, batchtopk, jumprelu, got 'relu'",
+        ),
+        ("b_dec_init", "zero", "--b-dec-init must be one of median, mean, got 'zero'"),
+    ],
+)
+def test_unknown_choice(tmp_path, option, value, message):
+    with pytest.raises(SaeError, match=message):
+        train(_config(tmp_path / "run", **{option: value}), _source())
+
+
 def test_unknown_adam_state(tmp_path):
     with pytest.raises(
         SaeError, match="--adam-state must be one of float32, bfloat16, got 'float16'"

@@ -24,11 +24,11 @@ SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,8,4").
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from sae.kernels import knobs
 
 TOPK_ENV = "SAE_KERNELS_TOPK"
 TOPK_CHOICES = ("select", "torch")
@@ -176,10 +176,7 @@ def row_topk_kernel(
 
 def topk_method() -> str:
     """SAE_KERNELS_TOPK: "select" (the kernel, default) or "torch" (torch.topk)."""
-    value = os.environ.get(TOPK_ENV) or TOPK_CHOICES[0]
-    if value not in TOPK_CHOICES:
-        raise ValueError(f"{TOPK_ENV} must be one of {', '.join(TOPK_CHOICES)}, got {value!r}")
-    return value
+    return knobs.choice(TOPK_ENV, TOPK_CHOICES)
 
 
 def _geometry(n: int, k: int, chunk: int, per_k: int) -> tuple[int, int, int] | None:
@@ -201,9 +198,7 @@ def row_topk(
     The contract of `x.topk(k, dim=1, sorted=True)` for a 2-D x (which it falls back to for
     shapes and dtypes the kernel does not cover). Runs on CUDA, or on CPU under TRITON_INTERPRET.
     """
-    from sae.kernels.triton_ops import _tile
-
-    chunk, per_k, warps = _tile(TILE_ENV, _TILE)
+    chunk, per_k, warps = knobs.tile(TILE_ENV, _TILE)
     if chunk & (chunk - 1) or per_k < 1:
         raise ValueError(f"{TILE_ENV}: chunk must be a power of two and groups per k >= 1")
     ok = x.dim() == 2 and x.dtype in _DTYPES

@@ -118,31 +118,16 @@ def _tile_mask(mb, md, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _step_rows(
-    vals_ptr,
-    idx_ptr,
-    w_ptr,
-    offs_b,
-    mb,
-    offs_d,
-    md,
-    i,
-    K,
-    stride_v,
-    stride_i,
-    stride_w,
-    EVEN_D: tl.constexpr,
-):
-    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk), zeros past K."""
+def _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i, K, EVEN_D: tl.constexpr):
+    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk), zeros past K.
+
+    v_rows / i_rows point at each row's vals / idx, w_cols at the chunk's columns of W's row 0.
+    """
     ok = mb & (i < K)
-    v = tl.load(vals_ptr + offs_b * stride_v + i, mask=ok, other=0.0).to(tl.float32)
-    ids = tl.load(idx_ptr + offs_b * stride_i + i, mask=ok, other=0).to(tl.int64)
-    e = tl.load(
-        w_ptr + ids[:, None] * stride_w + offs_d[None, :],
-        mask=_tile_mask(ok, md, EVEN_D),
-        other=0.0,
-    ).to(tl.float32)
-    return v, ids, e
+    v = tl.load(v_rows + i, mask=ok, other=0.0).to(tl.float32)
+    ids = tl.load(i_rows + i, mask=ok, other=0).to(tl.int64)
+    e = tl.load(w_cols + ids[:, None] * stride_w, mask=_tile_mask(ok, md, EVEN_D), other=0.0)
+    return v, ids, e.to(tl.float32)
 
 
 @triton.jit
@@ -197,6 +182,9 @@ def hierarchical_kernel(
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
     m2 = _tile_mask(mb, md, EVEN_D)
+    v_rows = vals_ptr + offs_b * stride_v
+    i_rows = idx_ptr + offs_b * stride_i
+    w_cols = w_ptr + offs_d[None, :]
     r0 = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(
         tl.float32
     )
@@ -206,26 +194,10 @@ def hierarchical_kernel(
     sq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     # Each step issues the next step's gather before using the current one (one step of
     # look-ahead), so a row block's dependent index -> row loads overlap with the arithmetic.
-    v, ids, e = _step_rows(
-        vals_ptr, idx_ptr, w_ptr, offs_b, mb, offs_d, md, 0, K, stride_v, stride_i, stride_w, EVEN_D
-    )
+    v, ids, e = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, 0, K, EVEN_D)
     for i in range(K):
         in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-        v_n, ids_n, e_n = _step_rows(
-            vals_ptr,
-            idx_ptr,
-            w_ptr,
-            offs_b,
-            mb,
-            offs_d,
-            md,
-            i + 1,
-            K,
-            stride_v,
-            stride_i,
-            stride_w,
-            EVEN_D,
-        )
+        v_n, ids_n, e_n = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i + 1, K, EVEN_D)
         r -= v[:, None] * e
         if in_j:
             sq += r * r
@@ -236,38 +208,10 @@ def hierarchical_kernel(
         tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
-        v, ids, e = _step_rows(
-            vals_ptr,
-            idx_ptr,
-            w_ptr,
-            offs_b,
-            mb,
-            offs_d,
-            md,
-            0,
-            K,
-            stride_v,
-            stride_i,
-            stride_w,
-            EVEN_D,
-        )
+        v, ids, e = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, 0, K, EVEN_D)
         for i in range(K):
             in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-            v_n, ids_n, e_n = _step_rows(
-                vals_ptr,
-                idx_ptr,
-                w_ptr,
-                offs_b,
-                mb,
-                offs_d,
-                md,
-                i + 1,
-                K,
-                stride_v,
-                stride_i,
-                stride_w,
-                EVEN_D,
-            )
+            v_n, ids_n, e_n = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i + 1, K, EVEN_D)
             dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
                 tl.atomic_add(gv_ptr + offs_b * stride_gv + i, dots, mask=mb, sem="relaxed")
@@ -315,7 +259,8 @@ def segment_rows_kernel(
 
     Items are the flattened (b, k) pairs sorted (stably) by latent; segment f holds latent f's
     items (every latent has one, empty or not). One program sums one segment's rows for one
-    D-chunk, BLOCK_P items at a time, in a fixed order: each output row is written once (no zero-fill, no atomics) and results repeat bit for bit.
+    D-chunk, BLOCK_P items at a time, in a fixed order: each output row is written once (no
+    zero-fill, no atomics) and results repeat bit for bit.
     Grids run latents fastest so the programs resident together read one (rows, BLOCK_D) slice
     of src, which stays in L2.
     """

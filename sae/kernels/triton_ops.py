@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 
+from sae.kernels import knobs
 from sae.kernels.reference import loss_indices
 from sae.kernels.topk import row_topk
 from sae.kernels.triton_kernels import (
@@ -41,18 +42,6 @@ def _geometry(k: int, d: int) -> tuple[int, int, int]:
     return k_pad, block_d, warps
 
 
-def _tile(env: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
-    """A kernel's (block, block, num_warps), or the override "a,b,warps" in `env` (for tuning)."""
-    override = os.environ.get(env)
-    if not override:
-        return default
-    try:
-        a, b, warps = (int(v) for v in override.split(","))
-    except ValueError:
-        raise ValueError(f'{env} must be three integers "a,b,warps", got {override!r}') from None
-    return a, b, warps
-
-
 def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_D, num_warps) of the hierarchical kernel: rows x columns per program.
 
@@ -63,7 +52,7 @@ def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     # Tuned on the H100 at B=8192, K=128: 8.6 ms at (64, 64, 8) vs 9.1-11.4 ms for the others.
-    bb, bd, warps = _tile("SAE_KERNELS_HIER_TILE", (64, 64, 8))
+    bb, bd, warps = knobs.tile("SAE_KERNELS_HIER_TILE", (64, 64, 8))
     return bb, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
@@ -75,14 +64,6 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def _env_choice(name: str, choices: tuple[str, ...]) -> str:
-    """A tuning knob read at call time (benchmarks compare variants in one process)."""
-    value = os.environ.get(name, choices[0])
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
 def _segment_geometry(d: int) -> tuple[int, int, int]:
     """(BLOCK_P items, BLOCK_D columns, num_warps) of the segment reduction.
 
@@ -91,7 +72,7 @@ def _segment_geometry(d: int) -> tuple[int, int, int]:
     # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.80 ms at (8, 64, 1), 2.05 at
     # (4, 64, 1), 2.8 at (8, 64, 2), 6.3 at (16, 128, 4); atomics 3.5): many resident programs
     # hide the latency of each segment's dependent order -> row loads.
-    bp, bd, warps = _tile("SAE_KERNELS_SEG_TILE", (8, 64, 1))
+    bp, bd, warps = knobs.tile("SAE_KERNELS_SEG_TILE", (8, 64, 1))
     return bp, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
@@ -196,14 +177,14 @@ def sparse_outer_backward(
     k_pad, block_d, warps = _geometry(k, d)
     n_chunks = triton.cdiv(d, block_d)
     atomic = (
-        want_w and not deterministic and _env_choice(WGRAD_ENV, ("segment", "atomic")) == "atomic"
+        want_w and not deterministic and knobs.choice(WGRAD_ENV, ("segment", "atomic")) == "atomic"
     )
     gw = None
     if want_w:
         gw = (
             torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             if atomic or n == 0
-            else (_new(w.shape, torch.float32, w.device))
+            else _new(w.shape, torch.float32, w.device)
         )
     dots = None
     if want_dot:

@@ -94,17 +94,14 @@ class TrainConfig:
 
     def validate_options(self) -> None:
         """Check what the user typed, before any data is read."""
-        if self.arch not in ARCHS:
-            raise SaeError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.encoder_dtype not in ENCODER_DTYPES:
-            raise SaeError(
-                f"--encoder-dtype must be one of {', '.join(ENCODER_DTYPES)}, "
-                f"got {self.encoder_dtype!r}"
-            )
-        if self.adam_state not in ADAM_STATES:
-            raise SaeError(
-                f"--adam-state must be one of {', '.join(ADAM_STATES)}, got {self.adam_state!r}"
-            )
+        for flag, value, choices in (
+            ("--arch", self.arch, ARCHS),
+            ("--encoder-dtype", self.encoder_dtype, ENCODER_DTYPES),
+            ("--adam-state", self.adam_state, ADAM_STATES),
+            ("--b-dec-init", self.b_dec_init, B_DEC_INITS),
+        ):
+            if value not in choices:
+                raise SaeError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.n_latents is not None and self.expansion is not None:
             raise SaeError("pass either --latents or --expansion, not both")
         positive = {
@@ -132,8 +129,6 @@ class TrainConfig:
             raise SaeError(f"--decay must be a fraction in [0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.dead_tokens < 1:
             raise SaeError("--warmup, --eval-every must be >= 0 and --dead-tokens >= 1")
-        if self.b_dec_init not in B_DEC_INITS:
-            raise SaeError(f"--b-dec-init must be one of {', '.join(B_DEC_INITS)}")
         if self.l0_coef < 0 or self.jumprelu_bandwidth <= 0 or self.aux_coef < 0:
             raise SaeError("--l0-coef and --aux-coef must be >= 0 and the bandwidth > 0")
 

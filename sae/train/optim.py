@@ -20,7 +20,13 @@ from collections.abc import Iterable
 
 import torch
 
-from sae.kernels.decoder_adam import STATE_DTYPES, adam_reference, stochastic_bf16
+from sae.kernels.decoder_adam import (
+    STATE_DTYPES,
+    adam_reference,
+    adam_step,
+    decoder_adam_step,
+    stochastic_bf16,
+)
 
 
 class DecoderAdam(torch.optim.Adam):
@@ -97,8 +103,6 @@ class DecoderAdam(torch.optim.Adam):
                     self._update(p, salt, group)
 
     def _update(self, p: torch.nn.Parameter, salt: int, group: dict) -> None:
-        from sae.kernels.decoder_adam import adam_step, decoder_adam_step
-
         state = self._state(p)
         state["step"] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
