@@ -4,7 +4,8 @@ Where bench_kernels.py times the finished op and step against the baselines, thi
 compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read at call time):
   ptx:     which global memory / atomic instructions the compiled kernels use (vector width).
   wgrad:   W_enc's gradient by atomics vs the sorted segment reduction over tiles; the sort.
-  hier:    the hierarchical op over tiles; the TopK op with each W_dec-gradient variant.
+  hier:    the hierarchical op over pipeline depths and tiles (and its no-grad forward); the
+           TopK op with each W_dec-gradient variant.
   topk:    torch.topk vs the row top-k kernel (sae/kernels/topk.py) over bf16 rows of F
            columns, per tile; values checked equal to torch.topk's.
   adam:    the trainer's optimiser step — W_dec gradient projection + fused Adam + row
@@ -103,19 +104,16 @@ def part_wgrad(b, k, gen, log) -> list[dict]:
     return rows
 
 
-HIER_TILES = (
-    "64,64,8",
-    "128,64,8",
-    "64,128,8",
-    "128,32,8",
-    "32,128,4",
-    "128,64,16",
-    "64,64,4",
-    "256,32,8",
+HIER_VARIANTS = (  # (SAE_KERNELS_HIER_STAGES, SAE_KERNELS_HIER_TILE)
+    *(("6", t) for t in ("32,32,8", "16,32,4", "64,32,8", "32,64,8", "64,64,8")),
+    *((st, "32,32,8") for st in ("2", "4", "8")),
 )
+FWD_VARIANTS = (("6", "64,64,8"), ("6", "32,32,8"), ("4", "64,64,8"), ("6", "32,64,8"))
 
 
 def part_hier(b, k, gen, log) -> list[dict]:
+    """The hierarchical op over pipeline depths and tiles (with gradients, outputs compared
+    with the first variant's), and the no-grad forward over the same knobs."""
     vals0, idx = random_sparse(b, k, F, "cuda", gen)
     w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
     bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
@@ -125,18 +123,40 @@ def part_hier(b, k, gen, log) -> list[dict]:
     def run():
         for p in (vals, w, bias):
             p.grad = None
-        kernels.hierarchical_loss(vals, idx, w, bias, x, 1).backward()
+        loss = kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
+        loss.backward()
+        return loss
+
+    def fwd():
+        with torch.no_grad():
+            kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
 
     def topk_op():
         for p in (vals, w, bias):
             p.grad = None
         (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
 
-    rows = []
-    for tile in HIER_TILES:
-        ms, gib = timed(run, SAE_KERNELS_HIER_TILE=tile)
-        rows.append({"part": "hier", "variant": f"tile {tile}", "ms": ms})
-        log(f"hier B={b} K={k} tile {tile}: {ms:.3f} ms {gib:.2f} GiB")
+    rows, first = [], None
+    for stages, tile in HIER_VARIANTS:
+        knobs = {"SAE_KERNELS_HIER_STAGES": stages, "SAE_KERNELS_HIER_TILE": tile}
+        with env(**knobs):
+            loss = run()
+            outs = [loss.detach().clone(), vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
+        first = first or outs
+        err = max(
+            ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+            for a, r in zip(outs, first, strict=True)
+        )
+        del outs
+        ms, gib = timed(run, **knobs)
+        name = f"stages {stages} tile {tile}"
+        rows.append({"part": "hier", "variant": name, "ms": ms, "gib": gib, "err": err})
+        log(f"hier B={b} K={k} {name}: {ms:.3f} ms {gib:.2f} GiB max rel diff {err:.2e}")
+    for stages, tile in FWD_VARIANTS:
+        ms, _ = timed(fwd, SAE_KERNELS_HIER_STAGES=stages, SAE_KERNELS_HIER_TILE=tile)
+        name = f"no-grad forward stages {stages} tile {tile}"
+        rows.append({"part": "hier", "variant": name, "ms": ms})
+        log(f"hier B={b} K={k} {name}: {ms:.3f} ms")
     for name, knobs in (("segment", {}), ("atomic", {"SAE_KERNELS_WGRAD": "atomic"})):
         ms, gib = timed(topk_op, **knobs)
         rows.append({"part": "hier", "variant": f"topk op wgrad {name}", "ms": ms})
@@ -266,7 +286,7 @@ def part_step(b, k, gen, log) -> list[dict]:
         "ours": (step(), {}),
         "ours, x - b_dec (no b_pre)": (step(b_pre=False), {}),
         "ours, W_enc grad by atomics": (step(), {"SAE_KERNELS_WGRAD": "atomic"}),
-        "ours, hier tile 16,64,4 (before)": (step(), {"SAE_KERNELS_HIER_TILE": "16,64,4"}),
+        "ours, hier tile 64,64,8": (step(), {"SAE_KERNELS_HIER_TILE": "64,64,8"}),
         "ours, torch.topk (before)": (step(), {"SAE_KERNELS_TOPK": "torch"}),
         "ours, no Adam": (step(adam=False), {}),
     }

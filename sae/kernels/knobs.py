@@ -24,3 +24,17 @@ def choice(env: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{env} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def integer(env: str, default: int, lo: int = 1) -> int:
+    """A positive integer knob (at least `lo`) from `env`, or `default` when unset."""
+    value = os.environ.get(env)
+    if not value:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        n = lo - 1
+    if n < lo:
+        raise ValueError(f"{env} must be an integer of at least {lo}, got {value!r}")
+    return n

@@ -118,16 +118,23 @@ def _tile_mask(mb, md, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i, K, EVEN_D: tl.constexpr):
-    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk), zeros past K.
+def _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D: tl.constexpr):
+    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk).
 
-    v_rows / i_rows point at each row's vals / idx, w_cols at the chunk's columns of W's row 0.
+    vals / idx come step-major ((K, B), v_steps / i_steps point at the block's rows of step 0),
+    so each step's loads of the block's values and indices are contiguous; w_cols points at the
+    chunk's columns of W's row 0.
     """
-    ok = mb & (i < K)
-    v = tl.load(v_rows + i, mask=ok, other=0.0).to(tl.float32)
-    ids = tl.load(i_rows + i, mask=ok, other=0).to(tl.int64)
-    e = tl.load(w_cols + ids[:, None] * stride_w, mask=_tile_mask(ok, md, EVEN_D), other=0.0)
+    v = tl.load(v_steps + i * B, mask=mb, other=0.0).to(tl.float32)
+    ids = tl.load(i_steps + i * B, mask=mb, other=0).to(tl.int64)
+    e = tl.load(w_cols + ids[:, None] * stride_w, mask=_tile_mask(mb, md, EVEN_D), other=0.0)
     return v, ids, e.to(tl.float32)
+
+
+@triton.jit
+def _in_j(i, every):
+    """Whether prefix length i + 1 is in J = {1} ∪ {j : j mod every = 0}."""
+    return ((i + 1) == 1) | (((i + 1) % every) == 0)
 
 
 @triton.jit
@@ -147,12 +154,9 @@ def hierarchical_kernel(
     d_end,
     every,
     gw_scale,
-    stride_v,
-    stride_i,
     stride_w,
     stride_x,
     stride_gv_chunk,
-    stride_gv,
     stride_gr,
     stride_gw_item,
     K: tl.constexpr,
@@ -160,6 +164,7 @@ def hierarchical_kernel(
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
     EVEN_D: tl.constexpr,
+    STAGES: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -169,7 +174,10 @@ def hierarchical_kernel(
     step of a sweep over i updates the whole tile elementwise (rows are independent, so no scan
     over K is needed): sweep 1 accumulates Σ_{j∈J} ||R_j||² and T = Σ_{j∈J} R_j; sweep 2
     (gradients only) carries S_i = T − Σ_{j<i, j∈J} R_j = Σ_{j≥i, j∈J} R_j, so dL/dv_i ∝
-    <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Sweep 2 re-reads the rows, from cache.
+    <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Sweep 2 re-reads the rows the same
+    program just read, from L2. Both sweeps are software-pipelined by Triton (STAGES steps of
+    index -> row loads in flight).
+    vals / idx are step-major (K, B); dL/dvals is written step-major too: gv[(chunk,) i, b].
     Unscaled partials are written; the caller applies −2/(B|J|) (gw_scale here, on the scatter).
     GW_MODE 0: no weight grad; 1: atomics into gw[idx]; 2: store v_i S_i to gw[b·K + i] (a
     (B·K, d_end − d_start) buffer later segment-reduced, for determinism).
@@ -182,8 +190,8 @@ def hierarchical_kernel(
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
     m2 = _tile_mask(mb, md, EVEN_D)
-    v_rows = vals_ptr + offs_b * stride_v
-    i_rows = idx_ptr + offs_b * stride_i
+    v_steps = vals_ptr + offs_b
+    i_steps = idx_ptr + offs_b
     w_cols = w_ptr + offs_d[None, :]
     r0 = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(
         tl.float32
@@ -192,31 +200,24 @@ def hierarchical_kernel(
     r = r0
     t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    # Each step issues the next step's gather before using the current one (one step of
-    # look-ahead), so a row block's dependent index -> row loads overlap with the arithmetic.
-    v, ids, e = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, 0, K, EVEN_D)
-    for i in range(K):
-        in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-        v_n, ids_n, e_n = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i + 1, K, EVEN_D)
+    for i in tl.range(0, K, num_stages=STAGES):
+        v, _, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
         r -= v[:, None] * e
-        if in_j:
+        if _in_j(i, every):
             sq += r * r
             t += r
-        v, ids, e = v_n, ids_n, e_n
     tl.store(loss_part_ptr + chunk * B + offs_b, tl.sum(sq, axis=1), mask=mb)
     if WANT_GRAD:
         tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
-        v, ids, e = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, 0, K, EVEN_D)
-        for i in range(K):
-            in_j = ((i + 1) == 1) | (((i + 1) % every) == 0)
-            v_n, ids_n, e_n = _step_rows(v_rows, i_rows, w_cols, stride_w, mb, md, i + 1, K, EVEN_D)
+        for i in tl.range(0, K, num_stages=STAGES):
+            v, ids, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
             dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
-                tl.atomic_add(gv_ptr + offs_b * stride_gv + i, dots, mask=mb, sem="relaxed")
+                tl.atomic_add(gv_ptr + i * B + offs_b, dots, mask=mb, sem="relaxed")
             else:
-                tl.store(gv_ptr + chunk * stride_gv_chunk + offs_b * stride_gv + i, dots, mask=mb)
+                tl.store(gv_ptr + chunk * stride_gv_chunk + i * B + offs_b, dots, mask=mb)
             if GW_MODE == 1:
                 tl.atomic_add(
                     gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
@@ -233,9 +234,8 @@ def hierarchical_kernel(
                     mask=m2,
                 )
             r -= v[:, None] * e
-            if in_j:
+            if _in_j(i, every):
                 s -= r
-            v, ids, e = v_n, ids_n, e_n
 
 
 @triton.jit

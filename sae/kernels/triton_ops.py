@@ -29,6 +29,7 @@ MAX_K = 1024
 POISON_ENV = "SAE_KERNELS_POISON"
 # Benchmark knob (read at call time): how the sparse ops accumulate W's gradient rows.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
+HIER_STAGES_ENV = "SAE_KERNELS_HIER_STAGES"  # loads in flight in the hierarchical sweeps
 _TILE = 8192  # elements of the [K_PAD, BLOCK_D] register tile
 
 
@@ -42,7 +43,7 @@ def _geometry(k: int, d: int) -> tuple[int, int, int]:
     return k_pad, block_d, warps
 
 
-def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
+def _hier_geometry(k: int, d: int, want_grad: bool) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_D, num_warps) of the hierarchical kernel: rows x columns per program.
 
     The kernel steps over K with the tile's rows independent (no scan over K): earlier versions
@@ -51,8 +52,11 @@ def _hier_geometry(k: int, d: int) -> tuple[int, int, int]:
     """
     if k > MAX_K:
         raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
-    # Tuned on the H100 at B=8192, K=128: 8.6 ms at (64, 64, 8) vs 9.1-11.4 ms for the others.
-    bb, bd, warps = knobs.tile("SAE_KERNELS_HIER_TILE", (64, 64, 8))
+    # Tuned on the H100 (docs/kernels-notes.md §21), 6 pipeline stages: with gradients
+    # (32, 32, 8) — 5.67 ms at B=8192 K=128 against 5.85-6.5 for the other tiles; the
+    # forward alone (no grad) is faster on (64, 64, 8): 1.66 vs 2.12 ms.
+    default = (32, 32, 8) if want_grad else (64, 64, 8)
+    bb, bd, warps = knobs.tile("SAE_KERNELS_HIER_TILE", default)
     return bb, max(16, min(bd, triton.next_power_of_2(d))), warps
 
 
@@ -245,19 +249,23 @@ class HierarchicalLoss(torch.autograd.Function):
         n, k = idx.shape
         d = w_dec.shape[1]
         n_j = len(loss_indices(k, every))
-        block_b, block_d, warps = _hier_geometry(k, d)
+        block_b, block_d, warps = _hier_geometry(k, d, want_grad)
+        stages = knobs.integer(HIER_STAGES_ENV, 6)
         n_chunks = triton.cdiv(d, block_d)
         dev = w_dec.device
         loss_part = _new((n_chunks, n), torch.float32, dev)
+        # Step-major (K, B) copies: each step's loads of a row block's values and indices, and
+        # its dL/dvals atomics, touch one contiguous run instead of one sector per row.
+        vals_t, idx_t = vals.T.contiguous(), idx.T.to(torch.int32).contiguous()
         gv = gr = gw = None
-        # dL/dvals: atomically added into (B, K) by every chunk's program, or per-chunk partials
+        # dL/dvals: atomically added into (K, B) by every chunk's program, or per-chunk partials
         # summed afterwards (deterministic; partials were not faster when measured, H100).
         gv_atomic = not deterministic
         if want_grad:
             if gv_atomic:
-                gv = torch.zeros((n, k), dtype=torch.float32, device=dev)
+                gv = torch.zeros((k, n), dtype=torch.float32, device=dev)
             else:
-                gv = _new((n_chunks, n, k), torch.float32, dev)
+                gv = _new((n_chunks, k, n), torch.float32, dev)
             gr = _new((n, d), torch.float32, dev)
             if deterministic and n > 0:
                 gw = _new(w_dec.shape, torch.float32, dev)  # every row written by _segment_add
@@ -272,8 +280,8 @@ class HierarchicalLoss(torch.autograd.Function):
                 gv if gv is not None else loss_part,
                 gr if gr is not None else loss_part,
                 gw_buf if gw_buf is not None else loss_part,
-                vals,
-                idx,
+                vals_t,
+                idx_t,
                 w_dec,
                 b_dec,
                 x,
@@ -283,12 +291,9 @@ class HierarchicalLoss(torch.autograd.Function):
                 d_end,
                 every,
                 scale,
-                vals.stride(0),
-                idx.stride(0),
                 w_dec.stride(0),
                 x.stride(0),
                 n * k,
-                k,
                 d,
                 gw_buf.stride(0) if gw_buf is not None else 0,
                 K=k,
@@ -296,6 +301,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 GW_MODE=gw_mode,
                 GV_ATOMIC=gv_atomic,
                 EVEN_D=d_start % block_d == 0 and (d_end - d_start) % block_d == 0,
+                STAGES=stages,
                 BLOCK_B=block_b,
                 BLOCK_D=block_d,
                 num_warps=warps,
@@ -318,8 +324,7 @@ class HierarchicalLoss(torch.autograd.Function):
                     _segment_add(gw, segs, buf, None, 1, d0, d1)
         loss = loss_part.sum() / max(n * n_j, 1)
         if want_grad:
-            if not gv_atomic:
-                gv = gv.sum(0)
+            gv = (gv if gv_atomic else gv.sum(0)).T  # (B, K) view of the step-major sums
             ctx.save_for_backward(gv, gr, gw)
         ctx.meta = (n * n_j, vals.dtype, x.dtype, b_dec.dtype, w_dec.dtype)
         return loss
