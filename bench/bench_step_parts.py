@@ -4,8 +4,9 @@ Where bench_kernels.py times the finished op and step against the baselines, thi
 compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read at call time):
   ptx:     which global memory / atomic instructions the compiled kernels use (vector width).
   wgrad:   W_enc's gradient by atomics vs the sorted segment reduction over tiles; the sort.
-  hier:    the hierarchical op over pipeline depths and tiles (and its no-grad forward); the
-           TopK op with each W_dec-gradient variant.
+  hier:    the hierarchical op over pipeline depths and tiles (and its no-grad forward).
+  topkop:  the TopK op and its decode alone over the sweep kernel's tiles, depths and
+           W_dec-gradient variants.
   topk:    torch.topk vs the row top-k kernel (sae/kernels/topk.py) over bf16 rows of F
            columns, per tile; values checked equal to torch.topk's.
   adam:    the trainer's optimiser step — W_dec gradient projection + fused Adam + row
@@ -63,7 +64,7 @@ def ptx_summary(log) -> list[dict]:
     from sae.kernels import triton_kernels as tk
 
     rows = []
-    for name in ("hierarchical_kernel", "segment_rows_kernel", "scatter_rows_kernel"):
+    for name in ("hierarchical_kernel", "segment_rows_kernel", "sparse_sweep_kernel"):
         fn = getattr(tk, name)
         for caches in getattr(fn, "device_caches", {}).values():
             for key, compiled in caches[0].items():
@@ -104,7 +105,7 @@ def part_wgrad(b, k, gen, log) -> list[dict]:
     return rows
 
 
-HIER_VARIANTS = (  # (SAE_KERNELS_HIER_STAGES, SAE_KERNELS_HIER_TILE)
+HIER_VARIANTS = (  # (SAE_KERNELS_STAGES, SAE_KERNELS_HIER_TILE)
     *(("6", t) for t in ("32,32,8", "16,32,4", "64,32,8", "32,64,8", "64,64,8")),
     *((st, "32,32,8") for st in ("2", "4", "8")),
 )
@@ -131,14 +132,9 @@ def part_hier(b, k, gen, log) -> list[dict]:
         with torch.no_grad():
             kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
 
-    def topk_op():
-        for p in (vals, w, bias):
-            p.grad = None
-        (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
-
     rows, first = [], None
     for stages, tile in HIER_VARIANTS:
-        knobs = {"SAE_KERNELS_HIER_STAGES": stages, "SAE_KERNELS_HIER_TILE": tile}
+        knobs = {"SAE_KERNELS_STAGES": stages, "SAE_KERNELS_HIER_TILE": tile}
         with env(**knobs):
             loss = run()
             outs = [loss.detach().clone(), vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
@@ -153,14 +149,58 @@ def part_hier(b, k, gen, log) -> list[dict]:
         rows.append({"part": "hier", "variant": name, "ms": ms, "gib": gib, "err": err})
         log(f"hier B={b} K={k} {name}: {ms:.3f} ms {gib:.2f} GiB max rel diff {err:.2e}")
     for stages, tile in FWD_VARIANTS:
-        ms, _ = timed(fwd, SAE_KERNELS_HIER_STAGES=stages, SAE_KERNELS_HIER_TILE=tile)
+        ms, _ = timed(fwd, SAE_KERNELS_STAGES=stages, SAE_KERNELS_HIER_TILE=tile)
         name = f"no-grad forward stages {stages} tile {tile}"
         rows.append({"part": "hier", "variant": name, "ms": ms})
         log(f"hier B={b} K={k} {name}: {ms:.3f} ms")
-    for name, knobs in (("segment", {}), ("atomic", {"SAE_KERNELS_WGRAD": "atomic"})):
-        ms, gib = timed(topk_op, **knobs)
-        rows.append({"part": "hier", "variant": f"topk op wgrad {name}", "ms": ms})
-        log(f"topk op B={b} K={k} wgrad {name}: {ms:.3f} ms {gib:.2f} GiB")
+    return rows
+
+
+SPARSE_VARIANTS = (  # the TopK op (decode + dL/dvals by sparse_sweep_kernel) over its knobs
+    ("sweep", {}),
+    ("sweep, W grad atomic", {"SAE_KERNELS_WGRAD": "atomic"}),
+    *(
+        (f"sweep, tile {t}", {"SAE_KERNELS_SWEEP_TILE": t})
+        for t in ("32,64,8", "64,32,8", "32,32,4")
+    ),
+    *((f"sweep, stages {st}", {"SAE_KERNELS_STAGES": st}) for st in ("4", "8")),
+)
+
+
+def part_topkop(b, k, gen, log) -> list[dict]:
+    """The TopK op (fwd + bwd) and its decode alone (no grad) over the sweep kernel's knobs;
+    gradients compared with the first variant's."""
+    vals0, idx = random_sparse(b, k, F, "cuda", gen)
+    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
+    bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
+    x = torch.randn(b, D, device="cuda", generator=gen)
+    vals = vals0.clone().requires_grad_()
+
+    def run():
+        for p in (vals, w, bias):
+            p.grad = None
+        (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
+
+    def decode():
+        with torch.no_grad():
+            kernels.topk_decode(vals, idx, w, bias)
+
+    rows, first = [], None
+    for name, knobs in SPARSE_VARIANTS:
+        with env(**knobs):
+            run()
+            outs = [vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
+        first = first or outs
+        err = max(
+            ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+            for a, r in zip(outs, first, strict=True)
+        )
+        ms, _ = timed(run, **knobs)
+        ms_dec, _ = timed(decode, **knobs)
+        rows.append({"part": "topkop", "variant": name, "ms": ms, "decode_ms": ms_dec, "err": err})
+        log(
+            f"topk op B={b} K={k} {name}: {ms:.3f} ms, decode alone {ms_dec:.3f} ms, rel diff {err:.1e}"
+        )
     return rows
 
 
@@ -309,6 +349,7 @@ def main() -> None:
     parts = {
         "wgrad": part_wgrad,
         "hier": part_hier,
+        "topkop": part_topkop,
         "topk": part_topk,
         "adam": part_adam,
         "step": part_step,

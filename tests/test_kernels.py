@@ -232,10 +232,10 @@ def test_accumulation_knob_rejects_unknown_value(gen, monkeypatch):
     with pytest.raises(ValueError, match='SAE_KERNELS_SEG_TILE must be three integers "a,b,warps"'):
         kernels.topk_decode(vals, idx, w, bias, backend="triton").sum().backward()
     for bad in ("0", "six"):
-        monkeypatch.setenv("SAE_KERNELS_HIER_STAGES", bad)
+        monkeypatch.setenv("SAE_KERNELS_STAGES", bad)
         with pytest.raises(
             ValueError,
-            match=f"SAE_KERNELS_HIER_STAGES must be an integer of at least 1, got '{bad}'",
+            match=f"SAE_KERNELS_STAGES must be an integer of at least 1, got '{bad}'",
         ):
             kernels.hierarchical_loss(vals, idx, w, bias, torch.zeros(3, 16), backend="triton")
 
@@ -279,3 +279,13 @@ def test_dispatcher_uses_reference_on_cpu_and_validates(gen, monkeypatch):
     with pytest.raises(ValueError, match="every >= 1"):
         kernels.hierarchical_loss(vals, idx, w, bias, x, 0)
     assert kernels.loss_indices(20, 8) == [1, 8, 16]
+
+
+def test_triton_ops_refuse_k_above_their_limit():
+    k = 1025
+    vals, idx = torch.ones(2, k), torch.arange(k).repeat(2, 1)
+    w, bias = torch.randn(k, 4), torch.zeros(4)
+    with pytest.raises(ValueError, match="k must be at most 1024 for the Triton kernels, got 1025"):
+        kernels.topk_decode(vals, idx, w, bias, backend="triton")
+    with pytest.raises(ValueError, match="k must be at most 1024 for the Triton kernels, got 1025"):
+        kernels.hierarchical_loss(vals, idx, w, bias, torch.zeros(2, 4), backend="triton")

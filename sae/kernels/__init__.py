@@ -14,9 +14,9 @@ W_enc's gradient and the TopK decoder's W_dec gradient are latent-sorted segment
 (no atomics, bitwise repeatable, faster than atomics on an H100). The hierarchical loss adds its
 W_dec gradient with atomics; `deterministic=True` makes it a segment reduction too (bitwise
 repeatable, about 2.3x slower at B=8192, K=128). Tuning knobs for benchmarks (read at call time):
-SAE_KERNELS_WGRAD=atomic, SAE_KERNELS_TOPK=torch, SAE_KERNELS_HIER_STAGES=n (pipeline depth of
-the hierarchical kernel), and the tiles SAE_KERNELS_HIER_TILE / SAE_KERNELS_SEG_TILE /
-SAE_KERNELS_TOPK_TILE="a,b,warps".
+SAE_KERNELS_WGRAD=atomic, SAE_KERNELS_TOPK=torch, SAE_KERNELS_STAGES=n (pipeline depth of the
+row kernels' sweeps over K), and the tiles SAE_KERNELS_HIER_TILE / SAE_KERNELS_SWEEP_TILE /
+SAE_KERNELS_SEG_TILE / SAE_KERNELS_TOPK_TILE="a,b,warps".
 """
 
 from __future__ import annotations

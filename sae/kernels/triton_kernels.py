@@ -1,11 +1,12 @@
 """Triton kernels for the sparse SAE ops (written from the math in docs/kernels-notes.md).
 
-Layout of the decode / scatter kernels: one program per (batch row b, D-chunk c), holding the
-row's K gathered dictionary rows for that chunk as a [K_PAD, BLOCK_D] register tile. The
-hierarchical kernel instead owns (BLOCK_B rows, BLOCK_D columns) and steps over K (see its
-docstring). Grids are (rows, chunks) with rows fastest, so the programs resident at any moment
-all read the same D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2 while the batch
-sweeps over it.
+The row kernels (`sparse_sweep_kernel` for the TopK ops, `hierarchical_kernel`) own a tile of
+(BLOCK_B rows, BLOCK_D columns) and step over K: at step i every row of the tile gathers its
+i-th dictionary row's chunk. vals / idx come step-major ((K, B)) so a step's loads for the tile's
+rows are contiguous, and Triton's software pipeliner keeps several steps of index -> row loads
+in flight. Grids are (row blocks, chunks) with row blocks fastest, so the programs resident at
+any moment all read the same D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2
+while the batch sweeps over it.
 
 Scatter-adds into the (F, D) weight gradients come in two flavours: atomics from the row kernels
 (fast, order-dependent), or a segment reduction over the (b, k) pairs sorted by latent
@@ -16,95 +17,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _tile(K, d_start, d_end, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's row b and its [K_PAD, BLOCK_D] tile coordinates and masks."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    offs_k = tl.arange(0, K_PAD)
-    offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
-    return b, c, offs_k, offs_k < K, offs_d, offs_d < d_end
-
-
-@triton.jit
-def gather_sum_kernel(
-    out_ptr,
-    vals_ptr,
-    idx_ptr,
-    w_ptr,
-    bias_ptr,
-    K,
-    D,
-    stride_v,
-    stride_i,
-    stride_w,
-    stride_o,
-    HAS_BIAS: tl.constexpr,
-    K_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """out[b] = bias + Σ_k vals[b, k] · W[idx[b, k]] (sparse decode; also the encoder's grad_x)."""
-    b, _c, offs_k, mk, offs_d, md = _tile(K, 0, D, K_PAD, BLOCK_D)
-    v = tl.load(vals_ptr + b * stride_v + offs_k, mask=mk, other=0.0).to(tl.float32)
-    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
-    e = tl.load(
-        w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=mk[:, None] & md[None, :], other=0.0
-    ).to(tl.float32)
-    out = tl.sum(v[:, None] * e, axis=0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    tl.store(out_ptr + b * stride_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=md)
-
-
-@triton.jit
-def scatter_rows_kernel(
-    gw_ptr,
-    gv_ptr,
-    coef_ptr,
-    idx_ptr,
-    vec_ptr,
-    w_ptr,
-    K,
-    D,
-    stride_c,
-    stride_i,
-    stride_vec,
-    stride_w,
-    stride_gv_chunk,
-    stride_gv,
-    SCATTER: tl.constexpr,
-    DOT: tl.constexpr,
-    DOT_ATOMIC: tl.constexpr,
-    K_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Row-vector outer products, the backward of a sparse decode / sparse encoder.
-
-    SCATTER: gW[idx[b, k]] += coef[b, k] · vec[b] (atomics).
-    DOT: gv[b, k] (+)= <vec[b], W[idx[b, k]]> over this chunk: atomically into (B, K) or, for
-    determinism, into a (chunks, B, K) partials buffer summed afterwards.
-    """
-    b, c, offs_k, mk, offs_d, md = _tile(K, 0, D, K_PAD, BLOCK_D)
-    m2 = mk[:, None] & md[None, :]
-    ids = tl.load(idx_ptr + b * stride_i + offs_k, mask=mk, other=0).to(tl.int64)
-    vec = tl.load(vec_ptr + b * stride_vec + offs_d, mask=md, other=0.0).to(tl.float32)
-    if SCATTER:
-        coef = tl.load(coef_ptr + b * stride_c + offs_k, mask=mk, other=0.0).to(tl.float32)
-        tl.atomic_add(
-            gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
-            coef[:, None] * vec[None, :],
-            mask=m2,
-            sem="relaxed",
-        )
-    if DOT:
-        e = tl.load(w_ptr + ids[:, None] * stride_w + offs_d[None, :], mask=m2, other=0.0)
-        dots = tl.sum(e.to(tl.float32) * vec[None, :], axis=1)
-        if DOT_ATOMIC:
-            tl.atomic_add(gv_ptr + b * stride_gv + offs_k, dots, mask=mk, sem="relaxed")
-        else:
-            tl.store(gv_ptr + c * stride_gv_chunk + b * stride_gv + offs_k, dots, mask=mk)
 
 
 @triton.jit
@@ -135,6 +47,83 @@ def _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D: tl.cons
 def _in_j(i, every):
     """Whether prefix length i + 1 is in J = {1} ∪ {j : j mod every = 0}."""
     return ((i + 1) == 1) | (((i + 1) % every) == 0)
+
+
+@triton.jit
+def sparse_sweep_kernel(
+    out_ptr,
+    dots_ptr,
+    gw_ptr,
+    vals_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    vec_ptr,
+    B,
+    D,
+    stride_w,
+    stride_o,
+    stride_vec,
+    stride_dots_chunk,
+    K: tl.constexpr,
+    DECODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,
+    DOT_ATOMIC: tl.constexpr,
+    SCATTER: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    STAGES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The TopK ops' sparse row work as one pipelined sweep over K (the hierarchical kernel's
+    loop, `_step_rows`), on a (BLOCK_B rows, BLOCK_D columns) tile; vals / idx step-major (K, B).
+
+    DECODE: out[b] = bias + Σ_i vals[i, b] · W[idx[i, b]] (sparse decode; the encoder's grad_x).
+    DOT: dots[i, b] (+)= <vec[b], W[idx[i, b]]> over this chunk, atomically into (K, B) or, for
+    determinism, into a (chunks, K, B) partials buffer summed afterwards.
+    SCATTER: gW[idx[i, b]] += vals[i, b] · vec[b] (atomics; the segment reduction's alternative).
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = offs_b < B
+    offs_b = offs_b.to(tl.int64)
+    c = tl.program_id(1)
+    offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    m2 = _tile_mask(mb, md, EVEN_D)
+    v_steps = vals_ptr + offs_b
+    i_steps = idx_ptr + offs_b
+    w_cols = w_ptr + offs_d[None, :]
+    if DOT or SCATTER:
+        vec = tl.load(
+            vec_ptr + offs_b[:, None] * stride_vec + offs_d[None, :], mask=m2, other=0.0
+        ).to(tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for i in tl.range(0, K, num_stages=STAGES):
+        v, ids, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
+        if DECODE:
+            acc += v[:, None] * e
+        if DOT:
+            dots = tl.sum(vec * e, axis=1)
+            if DOT_ATOMIC:
+                tl.atomic_add(dots_ptr + i * B + offs_b, dots, mask=mb, sem="relaxed")
+            else:
+                tl.store(dots_ptr + c * stride_dots_chunk + i * B + offs_b, dots, mask=mb)
+        if SCATTER:
+            tl.atomic_add(
+                gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+                v[:, None] * vec,
+                mask=m2,
+                sem="relaxed",
+            )
+    if DECODE:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + offs_b[:, None] * stride_o + offs_d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m2,
+        )
 
 
 @triton.jit
