@@ -105,6 +105,23 @@ def part_wgrad(b, k, gen, log) -> list[dict]:
     return rows
 
 
+def op_inputs(b, k, gen):
+    """(vals, idx, W, bias, x) of the decoder-side ops at (B, K), vals / W / bias as leaves."""
+    vals, idx = random_sparse(b, k, F, "cuda", gen)
+    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
+    bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
+    x = torch.randn(b, D, device="cuda", generator=gen)
+    return vals.requires_grad_(), idx, w, bias, x
+
+
+def max_rel_diff(outs, refs) -> float:
+    """Largest max-abs difference over the pairs, relative to each reference's max-abs."""
+    return max(
+        ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        for a, r in zip(outs, refs, strict=True)
+    )
+
+
 HIER_VARIANTS = (  # (SAE_KERNELS_STAGES, SAE_KERNELS_HIER_TILE)
     *(("6", t) for t in ("32,32,8", "16,32,4", "64,32,8", "32,64,8", "64,64,8")),
     *((st, "32,32,8") for st in ("2", "4", "8")),
@@ -115,11 +132,7 @@ FWD_VARIANTS = (("6", "64,64,8"), ("6", "32,32,8"), ("4", "64,64,8"), ("6", "32,
 def part_hier(b, k, gen, log) -> list[dict]:
     """The hierarchical op over pipeline depths and tiles (with gradients, outputs compared
     with the first variant's), and the no-grad forward over the same knobs."""
-    vals0, idx = random_sparse(b, k, F, "cuda", gen)
-    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
-    bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
-    x = torch.randn(b, D, device="cuda", generator=gen)
-    vals = vals0.clone().requires_grad_()
+    vals, idx, w, bias, x = op_inputs(b, k, gen)
 
     def run():
         for p in (vals, w, bias):
@@ -139,10 +152,7 @@ def part_hier(b, k, gen, log) -> list[dict]:
             loss = run()
             outs = [loss.detach().clone(), vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
         first = first or outs
-        err = max(
-            ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-            for a, r in zip(outs, first, strict=True)
-        )
+        err = max_rel_diff(outs, first)
         del outs
         ms, gib = timed(run, **knobs)
         name = f"stages {stages} tile {tile}"
@@ -170,11 +180,7 @@ SPARSE_VARIANTS = (  # the TopK op (decode + dL/dvals by sparse_sweep_kernel) ov
 def part_topkop(b, k, gen, log) -> list[dict]:
     """The TopK op (fwd + bwd) and its decode alone (no grad) over the sweep kernel's knobs;
     gradients compared with the first variant's."""
-    vals0, idx = random_sparse(b, k, F, "cuda", gen)
-    w = (torch.randn(F, D, device="cuda", generator=gen) / D**0.5).requires_grad_()
-    bias = (torch.randn(D, device="cuda", generator=gen) * 0.1).requires_grad_()
-    x = torch.randn(b, D, device="cuda", generator=gen)
-    vals = vals0.clone().requires_grad_()
+    vals, idx, w, bias, x = op_inputs(b, k, gen)
 
     def run():
         for p in (vals, w, bias):
@@ -191,10 +197,7 @@ def part_topkop(b, k, gen, log) -> list[dict]:
             run()
             outs = [vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
         first = first or outs
-        err = max(
-            ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-            for a, r in zip(outs, first, strict=True)
-        )
+        err = max_rel_diff(outs, first)
         ms, _ = timed(run, **knobs)
         ms_dec, _ = timed(decode, **knobs)
         rows.append({"part": "topkop", "variant": name, "ms": ms, "decode_ms": ms_dec, "err": err})
