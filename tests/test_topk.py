@@ -44,6 +44,21 @@ def test_negative_rows_and_infinities(gen):
         assert_exact_topk(x, k, *row_topk(x, k, "select"))
 
 
+def test_nans_rank_first_whatever_their_sign_as_in_torch_topk(gen):
+    x = torch.randn(3, 2048, generator=gen)
+    neg_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+    assert neg_nan.isnan().all() and neg_nan.view(torch.int32) < 0
+    x[0, 5] = neg_nan
+    x[1, 9] = float("nan")
+    x[1, 700] = neg_nan
+    vals, idx = row_topk(x, 4, "select")
+    want = x.topk(4, dim=1, sorted=True)
+    assert torch.equal(vals.isnan(), want.values.isnan())
+    assert torch.equal(vals.nan_to_num(), want.values.nan_to_num())
+    assert set(idx[1, :2].tolist()) == {9, 700} and idx[0, 0] == 5
+    assert torch.equal(idx[:, 2:], want.indices[:, 2:]) and torch.equal(idx[2], want.indices[2])
+
+
 def test_heavy_ties_take_the_exact_path(gen):
     """Ties at the k-th value overflow the candidate buffer: the bisection path must be exact."""
     x = torch.randint(0, 3, (4, 2048), generator=gen).float()  # ~680 columns per value

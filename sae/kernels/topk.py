@@ -16,7 +16,8 @@ elements ≥ τ (about 1.1·k with the default 8k groups). One program per row:
   last:   sort the buffer, write the first k (values exactly as stored, columns as int64).
 
 Values equal torch.topk's exactly; ties at the k-th value may pick other, equal-valued columns
-(torch.topk promises nothing there either).
+(torch.topk promises nothing there either). NaNs rank above +inf, as in torch.topk, and come
+out as the canonical (positive) NaN.
 
 Knobs (benchmarks, read at call time): SAE_KERNELS_TOPK = select (default) | torch;
 SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,8,4").
@@ -56,6 +57,9 @@ def _from_key(key):
 def _row_keys(xrow, cols, N):
     valid = cols < N
     x = tl.load(xrow + cols, mask=valid, other=float("-inf")).to(tl.float32)
+    # Every NaN, whatever its sign bit, ranks above +inf, as in torch.topk (a NaN with the sign
+    # bit set would otherwise get the smallest key).
+    x = tl.where(x != x, float("nan"), x)
     return _order_key(x), valid
 
 
