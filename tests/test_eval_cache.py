@@ -62,6 +62,15 @@ def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
         assert (got["l0"], got["dead"]) == (want["l0"], want["dead"])
     assert doc["top1_ev"] == pytest.approx(expected.top_ev(1), rel=1e-9)
     assert [r["l0"] for r in doc["results"]] == [1.0, 2.0, 4.0]
+    # per-latent firing frequencies next to eval.json, one per setting, for `sae export`
+    from sae.eval.frequency import FREQUENCY_FILE, read_frequency
+
+    for row in doc["results"]:
+        freq, rows = read_frequency(tmp_path / "run" / FREQUENCY_FILE, f"top-{row['k']}", F)
+        assert rows == doc["tokens"]
+        assert torch.allclose(freq, expected.frequencies[f"top-{row['k']}"])
+        assert int((freq == 0).sum()) == row["dead"]
+        assert freq.sum() * rows == pytest.approx(row["l0"] * rows)
 
 
 def test_eval_refuses_a_cache_of_another_layer(tmp_path, cache_url, capsys) -> None:

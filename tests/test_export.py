@@ -197,3 +197,59 @@ def test_export_refuses_bad_input(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["export", run, str(tmp_path / "o"), "--format", "onnx"])
     assert "--format must be one of saelens, sae" in capsys.readouterr().err
+
+
+def evaluated(run: str, sae: SparseAutoencoder, arch: str) -> dict:
+    """Record firing frequencies in RUN the way `sae eval` does (its evaluator and writer)."""
+    from sae.eval.evaluate import evaluate_sae, plan_settings
+    from sae.eval.frequency import FREQUENCY_FILE, write_frequencies
+
+    result = evaluate_sae(sae, [inputs(300)], plan_settings(arch, F, sae.cfg.k, [2, 6]))
+    write_frequencies(result.frequencies, f"{run}/{FREQUENCY_FILE}", tokens=result.n_rows)
+    return result.frequencies
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "label"),
+    [
+        ("hierarchical", [], "top-6"),
+        ("hierarchical", ["--k", "2"], "top-2"),
+        ("batchtopk", [], "threshold"),
+    ],
+)
+def test_saelens_sparsity_from_eval_frequencies(tmp_path, capsys, arch, args, label) -> None:
+    sae, run = saved_run(tmp_path, arch)
+    freqs = evaluated(run, sae, arch)
+    out = tmp_path / "saelens"
+    export(run, out, *args)
+    assert (
+        f"sparsity.safetensors: {label} firing frequencies over 300 rows" in capsys.readouterr().out
+    )
+    sparsity = load_file(str(out / "sparsity.safetensors"))
+    assert set(sparsity) == {"sparsity"} and sparsity["sparsity"].shape == (F,)
+    assert torch.allclose(sparsity["sparsity"], torch.log10(freqs[label] + 1e-10))
+    assert 0 < (freqs[label] > 0).sum() <= F  # some latents fired: a real measurement
+
+
+def test_saelens_sparsity_missing_or_stale_or_bad(tmp_path, capsys) -> None:
+    from sae.eval.frequency import FREQUENCY_FILE
+
+    sae, run = saved_run(tmp_path, "hierarchical")
+    out = tmp_path / "saelens"
+    evaluated(run, sae, "hierarchical")
+    export(run, out)
+    assert (out / "sparsity.safetensors").is_file()
+    # --k 3 was not evaluated: no sparsity file, and the stale one from the export above goes
+    export(run, out, "--k", "3", "--overwrite")
+    assert "no sparsity.safetensors" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    # a frequency file of another dictionary size is refused with what to do
+    (tmp_path / "run-hierarchical" / FREQUENCY_FILE).unlink()
+    from sae.eval.frequency import write_frequencies
+
+    write_frequencies({"top-6": torch.zeros(F + 1)}, f"{run}/{FREQUENCY_FILE}", tokens=5)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", run, str(tmp_path / "o2")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"not ({F},) float frequencies of this SAE" in err and "rerun `sae eval`" in err

@@ -106,8 +106,13 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(_config(tmp_path / "run", tokens=64 * 2), _source())
     with pytest.raises(SaeError, match="already holds a run; pass --resume"):
         train(_config(tmp_path / "run", tokens=64 * 2), _source())
+    # eval results of the SAE being replaced must not outlive it
+    (tmp_path / "run" / "eval.json").write_text("{}")
+    (tmp_path / "run" / "latent_frequency.safetensors").write_bytes(b"old")
     summary = train(_config(tmp_path / "run", tokens=64 * 3, overwrite=True), _source())
     assert summary["steps"] == 3
+    assert not (tmp_path / "run" / "eval.json").exists()
+    assert not (tmp_path / "run" / "latent_frequency.safetensors").exists()
 
 
 def test_d_model_mismatch_with_checkpoint(tmp_path):

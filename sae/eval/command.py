@@ -111,6 +111,11 @@ def eval_command(
     path = Path(out) if out else Path(run) / EVAL_FILE
     doc = merge_previous(doc, path)
     write_json(doc, path)
+    if result is not None:
+        from sae.eval.frequency import FREQUENCY_FILE, write_frequencies
+
+        # Next to eval.json: `sae export` turns the matching setting into SAELens' sparsity file.
+        write_frequencies(result.frequencies, path.with_name(FREQUENCY_FILE), tokens=result.n_rows)
     print_report(doc)
     typer.echo(f"wrote {path}")
 

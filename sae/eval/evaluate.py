@@ -82,6 +82,7 @@ class EvalResult:
     rank_cosine: list[float | None]
     histograms: dict | None
     histogram_setting: str | None
+    frequencies: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (F,) firing
 
     def top_ev(self, k: int) -> float | None:
         """EV with only the top-k latents per row (Table 2: k = 1, 2)."""
@@ -132,12 +133,13 @@ def evaluate_sae(sae, batches: Iterable[torch.Tensor], plan: EvalPlan) -> EvalRe
             latents = sae.encode_dense(x, mode="threshold")
             recon = sae.decode_dense(latents) / scale
             accs["threshold"].update_dense(x, recon, latents)
-    rows, hist = [], None
+    rows, hist, freqs = [], None, {}
     n_rows = 0
     for setting in plan.settings:
         metrics = accs[setting.label].result()
         n_rows = metrics.n_rows
         rows.append({"mode": setting.mode, "k": setting.k, **metrics.summary()})
+        freqs[setting.label] = metrics.frequency.float()
         if plan.natural is not None and setting.label == plan.natural.label:
             hist = latent_histograms(metrics)
     return EvalResult(
@@ -147,4 +149,5 @@ def evaluate_sae(sae, batches: Iterable[torch.Tensor], plan: EvalPlan) -> EvalRe
         rank_cosine=cosine.result(),
         histograms=hist,
         histogram_setting=plan.natural.label if plan.natural else None,
+        frequencies=freqs,
     )

@@ -39,10 +39,25 @@ def export_command(
         raise SaeError("OUT must differ from RUN")
     sae = load_sae(run)
     if format == "saelens":
-        from sae.export.saelens import write_saelens
+        from sae.eval.frequency import FREQUENCY_FILE, read_frequency
+        from sae.export.saelens import (
+            saelens_architecture,
+            saelens_setting,
+            write_saelens,
+        )
 
-        write_saelens(sae, target, k=k, dataset=dataset)
+        label = saelens_setting(sae, saelens_architecture(sae.cfg.arch, k), k)
+        freq_path = Path(run) / FREQUENCY_FILE
+        found = read_frequency(freq_path, label, sae.cfg.n_latents) if freq_path.is_file() else None
+        write_saelens(sae, target, k=k, dataset=dataset, frequency=found[0] if found else None)
         how = "SAELens: sae_lens.SAE.load_from_disk(path)"
+        if found:
+            typer.echo(f"sparsity.safetensors: {label} firing frequencies over {found[1]} rows")
+        else:
+            typer.echo(
+                f"no sparsity.safetensors: {freq_path} has no {label} frequencies; run "
+                f"`sae eval {run} --cache CACHE` first to include them"
+            )
     else:
         from sae.export.native import write_native
 

@@ -21,6 +21,7 @@ from sae.errors import SaeError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"  # optional: key "sparsity", log10 firing frequency
 SAELENS_FORMAT_VERSION = "6.0.0"  # the metadata version that selects SAELens' current loader
 
 
@@ -93,8 +94,22 @@ def saelens_config(sae, architecture: str, k: int | None, *, dataset: str = "") 
     return out
 
 
-def write_saelens(sae, out: str | Path, *, k: int | None = None, dataset: str = "") -> Path:
-    """Write `out/cfg.json` and `out/sae_weights.safetensors`; returns the folder."""
+def saelens_setting(sae, architecture: str, k: int | None) -> str:
+    """The `sae eval` setting label whose firing frequencies match an export."""
+    return f"top-{k if k is not None else sae.cfg.k}" if architecture == "topk" else "threshold"
+
+
+def write_saelens(
+    sae,
+    out: str | Path,
+    *,
+    k: int | None = None,
+    dataset: str = "",
+    frequency: torch.Tensor | None = None,
+) -> Path:
+    """Write `out/cfg.json`, `out/sae_weights.safetensors` and, given the exported setting's
+    firing frequencies, `out/sparsity.safetensors` (log10(frequency + 1e-10), as SAELens logs
+    it); returns the folder. Without frequencies a sparsity file left in `out` is removed."""
     from safetensors.torch import save_file
 
     architecture = saelens_architecture(sae.cfg.arch, k)
@@ -110,4 +125,11 @@ def write_saelens(sae, out: str | Path, *, k: int | None = None, dataset: str = 
     tmp = folder / (CFG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(folder / CFG_FILE)
+    if frequency is None:
+        (folder / SPARSITY_FILE).unlink(missing_ok=True)  # would describe another SAE
+    else:
+        sparsity = torch.log10(frequency.detach().float().cpu() + 1e-10).contiguous()
+        tmp = folder / (SPARSITY_FILE + ".tmp")
+        save_file({"sparsity": sparsity}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / SPARSITY_FILE)
     return folder

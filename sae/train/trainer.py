@@ -361,7 +361,11 @@ class Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not cfg.resume and cfg.overwrite:
-                for name in (METRICS_FILE, SUMMARY_FILE):
+                from sae.eval.frequency import FREQUENCY_FILE
+                from sae.eval.pipeline import EVAL_FILE
+
+                # An earlier run's eval results describe an SAE that is about to be replaced.
+                for name in (METRICS_FILE, SUMMARY_FILE, EVAL_FILE, FREQUENCY_FILE):
                     (self.out / name).unlink(missing_ok=True)
                 checkpoint_path(self.out).unlink(missing_ok=True)
             (self.out / CONFIG_FILE).write_text(cfg.to_json())
