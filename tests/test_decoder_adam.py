@@ -126,7 +126,27 @@ def _step_both(*runs, gen) -> None:
         opt.step()
 
 
-def test_fused_and_three_step_paths_agree_and_share_state(gen):
+def test_cpu_decoder_step_is_torch_adam_between_projection_and_renorm(gen):
+    """The CPU path (adam_reference) against the three steps it stands for, done with
+    torch.optim.Adam itself."""
+    w0 = unit_rows(6, 40, gen)
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt, torch_opt = DecoderAdam([ours], ours, 1e-2), torch.optim.Adam([ref], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(6, 40, generator=gen)
+        ours.grad = g.clone()
+        opt.step()
+        with torch.no_grad():
+            ref.grad = g - (g * ref).sum(1, keepdim=True) * ref
+            torch_opt.step()
+            ref /= ref.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            opt.state[ours]["exp_avg_sq"], torch_opt.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-9
+        )
+
+
+def test_fused_and_cpu_paths_agree_and_share_state(gen):
     plain = _params(gen)
     fused = [torch.nn.Parameter(t.detach().clone()) for t in plain]
     opt_plain = DecoderAdam(plain, plain[1], 1e-2)

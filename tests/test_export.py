@@ -253,3 +253,24 @@ def test_saelens_sparsity_missing_or_stale_or_bad(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"not ({F},) float frequencies of this SAE" in err and "rerun `sae eval`" in err
+
+
+def test_frequency_file_is_checked_as_untrusted_input(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from sae.errors import SaeError
+    from sae.eval.frequency import read_frequency, write_frequencies
+
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(SaeError, match=r"cannot read .*f\.safetensors .*rerun `sae eval`"):
+        read_frequency(path, "top-6", F)
+    write_frequencies({"top-6": torch.full((F,), 1.5)}, path, tokens=10)
+    with pytest.raises(SaeError, match="top-6 holds values outside \\[0, 1\\]; delete it or rerun"):
+        read_frequency(path, "top-6", F)
+    save_file({"top-6": torch.zeros(F)}, str(path))  # no row count in the metadata
+    with pytest.raises(SaeError, match="does not record how many rows were evaluated"):
+        read_frequency(path, "top-6", F)
+    write_frequencies({"top-6": torch.full((F,), 0.25)}, path, tokens=10)
+    freq, rows = read_frequency(path, "top-6", F)
+    assert rows == 10 and torch.equal(freq, torch.full((F,), 0.25))

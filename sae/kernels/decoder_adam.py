@@ -2,12 +2,12 @@
 
 Decoder: the trainer keeps every W_dec row on the unit sphere. Done as three PyTorch steps
 (project the gradient, torch's fused Adam, divide by the row norms) that is about 16 passes over
-the (F, D) fp32 decoder per step; `decoder_adam_kernel` makes it the 7 that Adam needs anyway
+the (F, D) fp32 decoder per step; `adam_rows_kernel` makes it the 7 that Adam needs anyway
 (read p, g, m, v; write p, m, v). One program per row, three loops over its D columns (the row
 stays in L1/L2 between them): <g, p>; g' = g − <g, p> p, Adam on g', ||p'||²; p' / ||p'||.
 
-Flat: `adam_kernel` is plain Adam for the other parameters when the moments are bf16 (torch's
-fused Adam keeps them in the parameter's dtype).
+Flat: the same kernel without the row constraint is plain Adam for the other parameters when the
+moments are bf16 (torch's fused Adam keeps them in the parameter's dtype).
 
 Moments may be fp32 or bf16. bf16 moments are stored with stochastic rounding: β2 = 0.999
 moves v by 0.1 % per step, below bf16's relative spacing (0.4–0.8 %), so round-to-nearest would
@@ -67,51 +67,7 @@ def _adam(p, g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, step_size, inv_sqrt
 
 
 @triton.jit
-def decoder_adam_kernel(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    step_ptr,
-    lr,
-    beta1,
-    beta2,
-    eps,
-    salt,
-    D: tl.constexpr,
-    CHUNK: tl.constexpr,
-    STATE_BF16: tl.constexpr,
-):
-    """Row program_id(0) of the contiguous (F, D) decoder, its gradient and Adam moments."""
-    base = tl.program_id(0).to(tl.int64) * D
-    step_size, inv_sqrt_c2, seed = _bias_corrections(step_ptr, lr, beta1, beta2, salt)
-    dot = 0.0
-    for c0 in range(0, D, CHUNK):
-        offs = base + c0 + tl.arange(0, CHUNK)
-        mask = c0 + tl.arange(0, CHUNK) < D
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        dot += tl.sum(g * p, axis=0)
-    sq = 0.0
-    for c0 in range(0, D, CHUNK):
-        offs = base + c0 + tl.arange(0, CHUNK)
-        mask = c0 + tl.arange(0, CHUNK) < D
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0) - dot * p
-        p, m, v = _adam(p, g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, step_size, inv_sqrt_c2)
-        _store_moments(m_ptr, v_ptr, offs, m, v, mask, seed, STATE_BF16)
-        tl.store(p_ptr + offs, p, mask=mask)
-        sq += tl.sum(p * p, axis=0)
-    scale = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-    tl.debug_barrier()  # the stores above are read back below by other threads of the program
-    for c0 in range(0, D, CHUNK):
-        offs = base + c0 + tl.arange(0, CHUNK)
-        mask = c0 + tl.arange(0, CHUNK) < D
-        tl.store(p_ptr + offs, tl.load(p_ptr + offs, mask=mask, other=0.0) * scale, mask=mask)
-
-
-@triton.jit
-def adam_kernel(
+def adam_rows_kernel(
     p_ptr,
     g_ptr,
     m_ptr,
@@ -123,18 +79,46 @@ def adam_kernel(
     eps,
     salt,
     n,
-    BLOCK: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    UNIT_ROWS: tl.constexpr,
     STATE_BF16: tl.constexpr,
 ):
-    """Plain Adam on BLOCK elements of a flat parameter."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    """Adam on row program_id(0) (D elements) of a contiguous parameter of n elements.
+
+    UNIT_ROWS (the decoder, one row per program): the gradient's radial part is dropped first
+    (<g, p> over the row) and the updated row is divided by its norm after. Without it the rows
+    are just BLOCK-sized slices of a flat parameter (D == CHUNK, the last one masked at n).
+    """
+    base = tl.program_id(0).to(tl.int64) * D
     step_size, inv_sqrt_c2, seed = _bias_corrections(step_ptr, lr, beta1, beta2, salt)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    p, m, v = _adam(p, g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, step_size, inv_sqrt_c2)
-    _store_moments(m_ptr, v_ptr, offs, m, v, mask, seed, STATE_BF16)
-    tl.store(p_ptr + offs, p, mask=mask)
+    dot = 0.0
+    if UNIT_ROWS:
+        for c0 in range(0, D, CHUNK):
+            offs = base + c0 + tl.arange(0, CHUNK)
+            mask = (c0 + tl.arange(0, CHUNK) < D) & (offs < n)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+            dot += tl.sum(g * p, axis=0)
+    sq = 0.0
+    for c0 in range(0, D, CHUNK):
+        offs = base + c0 + tl.arange(0, CHUNK)
+        mask = (c0 + tl.arange(0, CHUNK) < D) & (offs < n)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if UNIT_ROWS:
+            g -= dot * p
+        p, m, v = _adam(p, g, m_ptr, v_ptr, offs, mask, beta1, beta2, eps, step_size, inv_sqrt_c2)
+        _store_moments(m_ptr, v_ptr, offs, m, v, mask, seed, STATE_BF16)
+        tl.store(p_ptr + offs, p, mask=mask)
+        sq += tl.sum(p * p, axis=0)
+    if UNIT_ROWS:
+        scale = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+        tl.debug_barrier()  # the stores above are read back below by other threads of the program
+        for c0 in range(0, D, CHUNK):
+            offs = base + c0 + tl.arange(0, CHUNK)
+            mask = (c0 + tl.arange(0, CHUNK) < D) & (offs < n)
+            tl.store(p_ptr + offs, tl.load(p_ptr + offs, mask=mask, other=0.0) * scale, mask=mask)
 
 
 def _check(p, g, m, v) -> None:
@@ -151,9 +135,26 @@ def _check(p, g, m, v) -> None:
             )
 
 
-def _hyper(step, lr, betas, eps, salt) -> tuple:
-    """The kernels' shared scalar arguments after the four tensors."""
-    return step, float(lr), float(betas[0]), float(betas[1]), float(eps), int(salt)
+def _launch(p, g, m, v, step, lr, betas, eps, salt, unit_rows: bool) -> None:
+    _check(p, g, m, v)
+    n = p.numel()
+    if n == 0:
+        return
+    d = p.shape[1] if unit_rows else _BLOCK
+    adam_rows_kernel[(triton.cdiv(n, d),)](
+        *(p, g, m, v, step),
+        float(lr),
+        float(betas[0]),
+        float(betas[1]),
+        float(eps),
+        int(salt),
+        n,
+        D=d,
+        CHUNK=min(_CHUNK, triton.next_power_of_2(d)) if unit_rows else _BLOCK,
+        UNIT_ROWS=unit_rows,
+        STATE_BF16=m.dtype == torch.bfloat16,
+        num_warps=4,
+    )
 
 
 def decoder_adam_step(
@@ -168,18 +169,8 @@ def decoder_adam_step(
     salt: int = 0,
 ) -> None:
     """In place on p, m, v ((F, D); fp32 p and g, fp32 or bf16 moments); `step` already counts
-    this step."""
-    _check(p, g, m, v)
-    f, d = p.shape
-    if f > 0:
-        decoder_adam_kernel[(f,)](
-            *(p, g, m, v),
-            *_hyper(step, lr, betas, eps, salt),
-            D=d,
-            CHUNK=min(_CHUNK, triton.next_power_of_2(d)),
-            STATE_BF16=m.dtype == torch.bfloat16,
-            num_warps=4,
-        )
+    this step. The rows stay unit-norm (see the module docstring)."""
+    _launch(p, g, m, v, step, lr, betas, eps, salt, unit_rows=True)
 
 
 def adam_step(
@@ -194,17 +185,7 @@ def adam_step(
     salt: int = 0,
 ) -> None:
     """Plain Adam in place on p, m, v (any shape, contiguous; moments fp32 or bf16)."""
-    _check(p, g, m, v)
-    n = p.numel()
-    if n > 0:
-        adam_kernel[(triton.cdiv(n, _BLOCK),)](
-            *(p, g, m, v),
-            *_hyper(step, lr, betas, eps, salt),
-            n,
-            BLOCK=_BLOCK,
-            STATE_BF16=m.dtype == torch.bfloat16,
-            num_warps=4,
-        )
+    _launch(p, g, m, v, step, lr, betas, eps, salt, unit_rows=False)
 
 
 def stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -138,7 +138,6 @@ def hierarchical_kernel(
     bdec_ptr,
     x_ptr,
     B,
-    D,
     d_start,
     d_end,
     every,

@@ -31,6 +31,15 @@ WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 STAGES_ENV = "SAE_KERNELS_STAGES"  # steps of loads in flight in the row kernels' sweeps
 
 
+def _tile(env: str, default: tuple[int, int, int], d: int, k: int | None = None):
+    """A kernel's (rows or items, BLOCK_D, num_warps) from `env` or `default`, BLOCK_D clamped to
+    [16, next_pow2(d)]; with k, also the row kernels' limit on K."""
+    if k is not None and k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
+    rows, bd, warps = knobs.tile(env, default)
+    return rows, max(16, min(bd, triton.next_power_of_2(d))), warps
+
+
 def _hier_geometry(k: int, d: int, want_grad: bool) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_D, num_warps) of the hierarchical kernel: rows x columns per program.
 
@@ -38,14 +47,11 @@ def _hier_geometry(k: int, d: int, want_grad: bool) -> tuple[int, int, int]:
     that held K rows of one token per tile spent most of their time in tl.cumsum over K.
     SAE_KERNELS_HIER_TILE="bb,bd,warps" overrides, for tuning runs.
     """
-    if k > MAX_K:
-        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     # Tuned on the H100 (docs/kernels-notes.md §21), 6 pipeline stages: with gradients
     # (32, 32, 8) — 5.67 ms at B=8192 K=128 against 5.85-6.5 for the other tiles; the
     # forward alone (no grad) is faster on (64, 64, 8): 1.66 vs 2.12 ms.
     default = (32, 32, 8) if want_grad else (64, 64, 8)
-    bb, bd, warps = knobs.tile("SAE_KERNELS_HIER_TILE", default)
-    return bb, max(16, min(bd, triton.next_power_of_2(d))), warps
+    return _tile("SAE_KERNELS_HIER_TILE", default, d, k)
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -64,8 +70,7 @@ def _segment_geometry(d: int) -> tuple[int, int, int]:
     # Small tiles won on the H100 (W_enc's gradient, B=8192 K=128: 1.80 ms at (8, 64, 1), 2.05 at
     # (4, 64, 1), 2.8 at (8, 64, 2), 6.3 at (16, 128, 4); atomics 3.5): many resident programs
     # hide the latency of each segment's dependent order -> row loads.
-    bp, bd, warps = knobs.tile("SAE_KERNELS_SEG_TILE", (8, 64, 1))
-    return bp, max(16, min(bd, triton.next_power_of_2(d))), warps
+    return _tile("SAE_KERNELS_SEG_TILE", (8, 64, 1), d)
 
 
 def latent_segments(idx: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,12 +137,9 @@ def _sweep_geometry(k: int, d: int) -> tuple[int, int, int]:
 
     SAE_KERNELS_SWEEP_TILE="bb,bd,warps" overrides, for tuning runs.
     """
-    if k > MAX_K:
-        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
     # H100, B=8192 K=128, TopK op: 6.03 ms at (64, 64, 8) vs 6.16-6.81 for four other tiles
     # (decode alone 1.58 ms; the [K, BLOCK_D] register-tile kernels this replaced: 6.30 / 2.10).
-    bb, bd, warps = knobs.tile("SAE_KERNELS_SWEEP_TILE", (64, 64, 8))
-    return bb, max(16, min(bd, triton.next_power_of_2(d))), warps
+    return _tile("SAE_KERNELS_SWEEP_TILE", (64, 64, 8), d, k)
 
 
 def _sweep(out, dots, gw, vals_t, idx_t, w, bias, vec, dot_atomic=True) -> None:
@@ -297,7 +299,6 @@ class HierarchicalLoss(torch.autograd.Function):
                 b_dec,
                 x,
                 n,
-                d,
                 d_start,
                 d_end,
                 every,

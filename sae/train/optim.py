@@ -4,7 +4,8 @@ Every step the trainer (1) drops the radial part of each W_dec row's gradient, (
 Adam step, (3) divides each W_dec row by its norm. On CUDA the three are one Triton pass over
 W_dec (sae/kernels/decoder_adam.py) and torch's fused Adam takes the other parameters; on CPU
 they run as the three PyTorch steps. The state is plain torch.optim.Adam state (step,
-exp_avg, exp_avg_sq per parameter, one group), so checkpoints load either way.
+exp_avg, exp_avg_sq per parameter, one group), so checkpoints load either way. The decoder's
+three steps live in one place per device: the Triton kernel, or `adam_reference` on CPU.
 
 `state_dtype=torch.bfloat16` (`sae train --adam-state bfloat16`) stores both moments in bf16
 with stochastic rounding: half the optimiser memory and about 0.7 ms less per step at
@@ -71,12 +72,6 @@ class DecoderAdam(torch.optim.Adam):
         w = self.decoder
         if w.grad is None:
             return super().step()
-        if not self.fused_decoder:
-            g = w.grad
-            g -= (g * w).sum(dim=1, keepdim=True) * w
-            super().step()
-            w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return None
         grad, w.grad = w.grad, None
         try:
             super().step()  # every other parameter (a parameter without grad is skipped)

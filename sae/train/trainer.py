@@ -259,10 +259,9 @@ class Trainer:
 
         min_kept is already the global batch's (forward_batchtopk reduces it over ranks).
         """
-        value = min_kept
-        valid = torch.isfinite(value)
+        valid = torch.isfinite(min_kept)
         m = self.cfg.theta_momentum
-        blended = torch.where(self.theta_count == 0, value, m * self.theta + (1 - m) * value)
+        blended = torch.where(self.theta_count == 0, min_kept, m * self.theta + (1 - m) * min_kept)
         self.theta = torch.where(valid, blended, self.theta)
         self.theta_count = self.theta_count + valid.to(torch.int64)
         self.sae.threshold.fill_(0.0).add_(self.theta)
