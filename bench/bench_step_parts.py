@@ -14,6 +14,10 @@ compares ways of doing one stage (the knobs in sae/kernels/triton_ops.py, read a
            fp32 or bf16 moments); fp32 paths from the same state, checked to agree.
   step:    the full step (bf16 encoder, top-k, hierarchical loss, all backwards, fused Adam)
            with one knob changed at a time.
+  variants: the hierarchical op (with and without gradients), the TopK op, its decode and the
+           full step under each environment setting of --variants ("A=1+B=2;C=3"; an empty
+           entry is the defaults), outputs compared with the first setting's. Run it once per
+           code version (PYTHONPATH) to compare versions in one device session.
 Shapes: F = 65,536, D = 2304, B = 8192, K = 128 unless --k / --batch say otherwise.
 
 Usage (GPU):  PYTHONPATH=$PWD python bench/bench_step_parts.py --out $OUT [--parts ...]
@@ -114,6 +118,35 @@ def op_inputs(b, k, gen):
     return vals.requires_grad_(), idx, w, bias, x
 
 
+def op_calls(vals, idx, w, bias, x) -> dict:
+    """The decoder-side ops on fixed inputs: hierarchical op (fwd + bwd, returns the loss), its
+    no-grad forward, the TopK op (fwd + bwd) and its decode alone (no grad)."""
+
+    def clear():
+        for p in (vals, w, bias):
+            p.grad = None
+
+    def hier():
+        clear()
+        loss = kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
+        loss.backward()
+        return loss
+
+    def hier_fwd():
+        with torch.no_grad():
+            kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
+
+    def topkop():
+        clear()
+        (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
+
+    def decode():
+        with torch.no_grad():
+            kernels.topk_decode(vals, idx, w, bias)
+
+    return {"hier": hier, "hier_fwd": hier_fwd, "topkop": topkop, "decode": decode}
+
+
 def max_rel_diff(outs, refs) -> float:
     """Largest max-abs difference over the pairs, relative to each reference's max-abs."""
     return max(
@@ -133,17 +166,8 @@ def part_hier(b, k, gen, log) -> list[dict]:
     """The hierarchical op over pipeline depths and tiles (with gradients, outputs compared
     with the first variant's), and the no-grad forward over the same knobs."""
     vals, idx, w, bias, x = op_inputs(b, k, gen)
-
-    def run():
-        for p in (vals, w, bias):
-            p.grad = None
-        loss = kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
-        loss.backward()
-        return loss
-
-    def fwd():
-        with torch.no_grad():
-            kernels.hierarchical_loss(vals, idx, w, bias, x, 1)
+    calls = op_calls(vals, idx, w, bias, x)
+    run, fwd = calls["hier"], calls["hier_fwd"]
 
     rows, first = [], None
     for stages, tile in HIER_VARIANTS:
@@ -181,15 +205,8 @@ def part_topkop(b, k, gen, log) -> list[dict]:
     """The TopK op (fwd + bwd) and its decode alone (no grad) over the sweep kernel's knobs;
     gradients compared with the first variant's."""
     vals, idx, w, bias, x = op_inputs(b, k, gen)
-
-    def run():
-        for p in (vals, w, bias):
-            p.grad = None
-        (kernels.topk_decode(vals, idx, w, bias) - x).square().sum(-1).mean().backward()
-
-    def decode():
-        with torch.no_grad():
-            kernels.topk_decode(vals, idx, w, bias)
+    calls = op_calls(vals, idx, w, bias, x)
+    run, decode = calls["topkop"], calls["decode"]
 
     rows, first = [], None
     for name, knobs in SPARSE_VARIANTS:
@@ -341,12 +358,72 @@ def part_step(b, k, gen, log) -> list[dict]:
     return rows
 
 
+def parse_variants(spec: str) -> list[dict[str, str]]:
+    """ "A=1+B=2;C=3" -> [{"A": "1", "B": "2"}, {"C": "3"}]; an empty entry is the defaults."""
+    out = []
+    for entry in spec.split(";"):
+        pairs = [p for p in entry.split("+") if p.strip()]
+        out.append(dict(p.strip().split("=", 1) for p in pairs))
+    return out
+
+
+def _variant_ops(b, k, gen, log, settings) -> list[dict]:
+    """The decoder-side ops under each setting (their inputs are freed on return)."""
+    vals, idx, w, bias, x = op_inputs(b, k, gen)
+    calls = op_calls(vals, idx, w, bias, x)
+    rows, first = [], None
+    for knobs in settings:
+        name = "+".join(f"{a}={v}" for a, v in knobs.items()) or "defaults"
+        with env(**knobs):
+            loss = calls["hier"]()
+            outs = [loss.detach().clone(), vals.grad.clone(), w.grad.clone(), bias.grad.clone()]
+            calls["topkop"]()
+            outs += [vals.grad.clone(), w.grad.clone()]
+        first = first or outs
+        row = {"part": "variants", "variant": name, "err": max_rel_diff(outs, first)}
+        del outs
+        for label, fn in calls.items():
+            row[f"{label}_ms"] = timed(fn, **knobs)[0]
+        rows.append(row)
+        log(
+            f"variants B={b} K={k} {name}: "
+            + ", ".join(f"{a} {v:.3g}" for a, v in row.items() if a not in ("part", "variant"))
+        )
+    return rows
+
+
+def part_variants(b, k, gen, log, settings) -> list[dict]:
+    rows = _variant_ops(b, k, gen, log, settings)
+    torch.cuda.empty_cache()
+    m = Model(gen)
+    xs = [torch.randn(b, D, device="cuda", generator=gen) for _ in range(2)]
+    state = {"i": 0}
+
+    def step():
+        xb = xs[state["i"] % 2]
+        state["i"] += 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v, i = kernels.topk_encode(xb, m.w_enc, m.b_enc, k, b_pre=m.b_dec)
+        kernels.hierarchical_loss(v, i, m.w_dec, m.b_dec, xb, 1).backward()
+        m.opt.step()
+        m.opt.zero_grad(set_to_none=True)
+
+    step()  # Adam state
+    for knobs, row in zip(settings, rows, strict=True):
+        row["step_ms"], row["step_gib"] = timed(step, **knobs)
+        log(
+            f"variants B={b} K={k} {row['variant']}: step {row['step_ms']:.3f} ms {row['step_gib']:.2f} GiB"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--parts", default="wgrad,hier,step,ptx")
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--k", type=int, default=128)
+    ap.add_argument("--variants", default="", help='settings for the variants part: "A=1+B=2;C=3"')
     args = ap.parse_args()
     log, gen = start_run(args.out, "bench_step_parts")
     parts = {
@@ -361,6 +438,9 @@ def main() -> None:
     for name in args.parts.split(","):
         if name == "ptx":
             results["ptx"] = ptx_summary(log)
+        elif name == "variants":
+            settings = parse_variants(args.variants)
+            results[name] = part_variants(args.batch, args.k, gen, log, settings)
         else:
             results[name] = parts[name](args.batch, args.k, gen, log)
         torch.cuda.empty_cache()

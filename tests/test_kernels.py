@@ -231,13 +231,14 @@ def test_accumulation_knob_rejects_unknown_value(gen, monkeypatch):
     monkeypatch.setenv("SAE_KERNELS_SEG_TILE", "8,64")
     with pytest.raises(ValueError, match='SAE_KERNELS_SEG_TILE must be three integers "a,b,warps"'):
         kernels.topk_decode(vals, idx, w, bias, backend="triton").sum().backward()
-    for bad in ("0", "six"):
-        monkeypatch.setenv("SAE_KERNELS_STAGES", bad)
-        with pytest.raises(
-            ValueError,
-            match=f"SAE_KERNELS_STAGES must be an integer of at least 1, got '{bad}'",
-        ):
-            kernels.hierarchical_loss(vals, idx, w, bias, torch.zeros(3, 16), backend="triton")
+    for knob in ("SAE_KERNELS_STAGES", "SAE_KERNELS_UNROLL"):
+        for bad in ("0", "six"):
+            monkeypatch.setenv(knob, bad)
+            with pytest.raises(
+                ValueError, match=f"{knob} must be an integer of at least 1, got '{bad}'"
+            ):
+                kernels.hierarchical_loss(vals, idx, w, bias, torch.zeros(3, 16), backend="triton")
+        monkeypatch.delenv(knob)
 
 
 def test_deterministic_mode_repeats_bitwise(gen):

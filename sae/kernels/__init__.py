@@ -15,8 +15,10 @@ W_enc's gradient and the TopK decoder's W_dec gradient are latent-sorted segment
 W_dec gradient with atomics; `deterministic=True` makes it a segment reduction too (bitwise
 repeatable, about 2.3x slower at B=8192, K=128). Tuning knobs for benchmarks (read at call time):
 SAE_KERNELS_WGRAD=atomic, SAE_KERNELS_TOPK=torch, SAE_KERNELS_STAGES=n (pipeline depth of the
-row kernels' sweeps over K), and the tiles SAE_KERNELS_HIER_TILE / SAE_KERNELS_SWEEP_TILE /
-SAE_KERNELS_SEG_TILE / SAE_KERNELS_TOPK_TILE="a,b,warps".
+row kernels' sweeps over K), SAE_KERNELS_UNROLL=n (steps per iteration of those sweeps), and the
+tiles SAE_KERNELS_HIER_TILE / SAE_KERNELS_SWEEP_TILE / SAE_KERNELS_SEG_TILE /
+SAE_KERNELS_TOPK_TILE="a,b,warps". `bench/sass_offline.py` compiles the row kernels for an H100
+on a machine without a GPU and counts what their loops issue.
 """
 
 from __future__ import annotations

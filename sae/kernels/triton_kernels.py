@@ -2,9 +2,9 @@
 
 The row kernels (`sparse_sweep_kernel` for the TopK ops, `hierarchical_kernel`) own a tile of
 (BLOCK_B rows, BLOCK_D columns) and step over K: at step i every row of the tile gathers its
-i-th dictionary row's chunk. vals / idx come step-major ((K, B)) so a step's loads for the tile's
-rows are contiguous, and Triton's software pipeliner keeps several steps of index -> row loads
-in flight. Grids are (row blocks, chunks) with row blocks fastest, so the programs resident at
+i-th dictionary row's chunk. vals and row offsets come step-major ((K, B)) so a step's loads
+for the tile's rows are contiguous, and Triton's software pipeliner keeps several steps of
+offset -> row loads in flight. Grids are (row blocks, chunks) with row blocks fastest, so the programs resident at
 any moment all read the same D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2
 while the batch sweeps over it.
 
@@ -30,17 +30,22 @@ def _tile_mask(mb, md, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D: tl.constexpr):
-    """Step i of a sweep over K for a block of rows: (v_i, idx_i, W[idx_i] chunk).
+def _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D: tl.constexpr, ALIGN: tl.constexpr):
+    """Step i of a sweep over K for a block of rows: (v_i, row units of idx_i, W[idx_i] chunk).
 
-    vals / idx come step-major ((K, B), v_steps / i_steps point at the block's rows of step 0),
-    so each step's loads of the block's values and indices are contiguous; w_cols points at the
-    chunk's columns of W's row 0.
+    vals and the row offsets of idx in units of ALIGN elements (idx · stride(W) / ALIGN, ALIGN a
+    power of two dividing the stride) come step-major ((K, B), v_steps / o_steps point at the
+    block's rows of step 0), so each step's loads of the block's values and offsets are
+    contiguous; w_cols points at the chunk's columns of W's row 0. Offsets precomputed by the
+    caller (int32 where they fit) spare every step a 64-bit multiply per row; multiplying the
+    units by the constant ALIGN where they are used (also in a later pipeline stage, e.g. the
+    gradient's atomics) tells the compiler the rows are aligned, which keeps the row loads and
+    atomics vectorised.
     """
     v = tl.load(v_steps + i * B, mask=mb, other=0.0).to(tl.float32)
-    ids = tl.load(i_steps + i * B, mask=mb, other=0).to(tl.int64)
-    e = tl.load(w_cols + ids[:, None] * stride_w, mask=_tile_mask(mb, md, EVEN_D), other=0.0)
-    return v, ids, e.to(tl.float32)
+    units = tl.load(o_steps + i * B, mask=mb, other=0)
+    e = tl.load(w_cols + units[:, None] * ALIGN, mask=_tile_mask(mb, md, EVEN_D), other=0.0)
+    return v, units, e.to(tl.float32)
 
 
 @triton.jit
@@ -55,13 +60,12 @@ def sparse_sweep_kernel(
     dots_ptr,
     gw_ptr,
     vals_ptr,
-    idx_ptr,
+    off_ptr,
     w_ptr,
     bias_ptr,
     vec_ptr,
     B,
     D,
-    stride_w,
     stride_o,
     stride_vec,
     stride_dots_chunk,
@@ -72,12 +76,15 @@ def sparse_sweep_kernel(
     DOT_ATOMIC: tl.constexpr,
     SCATTER: tl.constexpr,
     EVEN_D: tl.constexpr,
+    ALIGN: tl.constexpr,
     STAGES: tl.constexpr,
+    UNROLL: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """The TopK ops' sparse row work as one pipelined sweep over K (the hierarchical kernel's
-    loop, `_step_rows`), on a (BLOCK_B rows, BLOCK_D columns) tile; vals / idx step-major (K, B).
+    loop, `_step_rows`), on a (BLOCK_B rows, BLOCK_D columns) tile; vals and the row offsets
+    (`_step_rows`) step-major (K, B); gW has W's row stride.
 
     DECODE: out[b] = bias + Σ_i vals[i, b] · W[idx[i, b]] (sparse decode; the encoder's grad_x).
     DOT: dots[i, b] (+)= <vec[b], W[idx[i, b]]> over this chunk, atomically into (K, B) or, for
@@ -92,15 +99,15 @@ def sparse_sweep_kernel(
     md = offs_d < D
     m2 = _tile_mask(mb, md, EVEN_D)
     v_steps = vals_ptr + offs_b
-    i_steps = idx_ptr + offs_b
+    o_steps = off_ptr + offs_b
     w_cols = w_ptr + offs_d[None, :]
     if DOT or SCATTER:
         vec = tl.load(
             vec_ptr + offs_b[:, None] * stride_vec + offs_d[None, :], mask=m2, other=0.0
         ).to(tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, K, num_stages=STAGES):
-        v, ids, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
+    for i in tl.range(0, K, num_stages=STAGES, loop_unroll_factor=UNROLL):
+        v, units, e = _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D, ALIGN)
         if DECODE:
             acc += v[:, None] * e
         if DOT:
@@ -111,7 +118,7 @@ def sparse_sweep_kernel(
                 tl.store(dots_ptr + c * stride_dots_chunk + i * B + offs_b, dots, mask=mb)
         if SCATTER:
             tl.atomic_add(
-                gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+                gw_ptr + units[:, None] * ALIGN + offs_d[None, :],
                 v[:, None] * vec,
                 mask=m2,
                 sem="relaxed",
@@ -133,7 +140,7 @@ def hierarchical_kernel(
     gr_ptr,
     gw_ptr,
     vals_ptr,
-    idx_ptr,
+    off_ptr,
     w_ptr,
     bdec_ptr,
     x_ptr,
@@ -142,7 +149,6 @@ def hierarchical_kernel(
     d_end,
     every,
     gw_scale,
-    stride_w,
     stride_x,
     stride_gv_chunk,
     stride_gr,
@@ -152,7 +158,9 @@ def hierarchical_kernel(
     GW_MODE: tl.constexpr,
     GV_ATOMIC: tl.constexpr,
     EVEN_D: tl.constexpr,
+    ALIGN: tl.constexpr,
     STAGES: tl.constexpr,
+    UNROLL: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -165,7 +173,8 @@ def hierarchical_kernel(
     <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Sweep 2 re-reads the rows the same
     program just read, from L2. Both sweeps are software-pipelined by Triton (STAGES steps of
     index -> row loads in flight).
-    vals / idx are step-major (K, B); dL/dvals is written step-major too: gv[(chunk,) i, b].
+    vals and the row offsets (`_step_rows`) are step-major (K, B) (gW has W's row stride);
+    dL/dvals is written step-major too: gv[(chunk,) i, b].
     Unscaled partials are written; the caller applies −2/(B|J|) (gw_scale here, on the scatter).
     GW_MODE 0: no weight grad; 1: atomics into gw[idx]; 2: store v_i S_i to gw[b·K + i] (a
     (B·K, d_end − d_start) buffer later segment-reduced, for determinism).
@@ -179,7 +188,7 @@ def hierarchical_kernel(
     md = offs_d < d_end
     m2 = _tile_mask(mb, md, EVEN_D)
     v_steps = vals_ptr + offs_b
-    i_steps = idx_ptr + offs_b
+    o_steps = off_ptr + offs_b
     w_cols = w_ptr + offs_d[None, :]
     r0 = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(
         tl.float32
@@ -188,8 +197,8 @@ def hierarchical_kernel(
     r = r0
     t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    for i in tl.range(0, K, num_stages=STAGES):
-        v, _, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
+    for i in tl.range(0, K, num_stages=STAGES, loop_unroll_factor=UNROLL):
+        v, _, e = _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D, ALIGN)
         r -= v[:, None] * e
         if _in_j(i, every):
             sq += r * r
@@ -199,8 +208,8 @@ def hierarchical_kernel(
         tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
-        for i in tl.range(0, K, num_stages=STAGES):
-            v, ids, e = _step_rows(v_steps, i_steps, w_cols, stride_w, B, mb, md, i, EVEN_D)
+        for i in tl.range(0, K, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            v, units, e = _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D, ALIGN)
             dots = tl.sum(s * e, axis=1)
             if GV_ATOMIC:
                 tl.atomic_add(gv_ptr + i * B + offs_b, dots, mask=mb, sem="relaxed")
@@ -208,7 +217,7 @@ def hierarchical_kernel(
                 tl.store(gv_ptr + chunk * stride_gv_chunk + i * B + offs_b, dots, mask=mb)
             if GW_MODE == 1:
                 tl.atomic_add(
-                    gw_ptr + ids[:, None] * stride_w + offs_d[None, :],
+                    gw_ptr + units[:, None] * ALIGN + offs_d[None, :],
                     (gw_scale * v)[:, None] * s,
                     mask=m2,
                     sem="relaxed",

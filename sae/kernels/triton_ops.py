@@ -7,6 +7,7 @@ backward; under no_grad the same kernel runs with the gradient work compiled out
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,6 +30,7 @@ POISON_ENV = "SAE_KERNELS_POISON"
 # Benchmark knob (read at call time): how the sparse ops accumulate W's gradient rows.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 STAGES_ENV = "SAE_KERNELS_STAGES"  # steps of loads in flight in the row kernels' sweeps
+UNROLL_ENV = "SAE_KERNELS_UNROLL"  # steps per iteration of the row kernels' sweeps (1: none)
 
 
 def _tile(env: str, default: tuple[int, int, int], d: int, k: int | None = None):
@@ -52,6 +54,18 @@ def _hier_geometry(k: int, d: int, want_grad: bool) -> tuple[int, int, int]:
     # forward alone (no grad) is faster on (64, 64, 8): 1.66 vs 2.12 ms.
     default = (32, 32, 8) if want_grad else (64, 64, 8)
     return _tile("SAE_KERNELS_HIER_TILE", default, d, k)
+
+
+def _hier_pipeline(want_grad: bool) -> tuple[int, int]:
+    """(pipeline stages, steps per loop iteration) of the hierarchical kernel's sweeps.
+
+    With gradients, two steps per iteration and 4 stages: 5.35 ms against 5.79 for one step and
+    6 stages (H100, B=8192 K=128, docs/kernels-notes.md §26) — fewer loop and address
+    instructions per step in an issue-heavy loop. The no-grad forward is best as it was.
+    SAE_KERNELS_STAGES / SAE_KERNELS_UNROLL override both.
+    """
+    stages, unroll = (4, 2) if want_grad else (6, 1)
+    return knobs.integer(STAGES_ENV, stages), knobs.integer(UNROLL_ENV, unroll)
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -126,10 +140,22 @@ def _segment_sum(values: torch.Tensor, segs: tuple[torch.Tensor, torch.Tensor]) 
     return csum[seg[1:]] - csum[seg[:-1]]
 
 
-def _step_major(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, B) copies of vals and idx (int32): what the sweep kernels read, one contiguous run
-    per step for a block of rows."""
-    return vals.T.contiguous(), idx.T.to(torch.int32).contiguous()
+def _step_major(
+    vals: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, B) copies of vals and of the row offsets idx · stride(W) / row_align(W): what the row
+    kernels read, one contiguous run per step for a block of rows. Offsets are int32 when every
+    element of W is within 2^31 of its start (the kernels then skip a 64-bit multiply per row
+    and step), else int64.
+    """
+    stride = w.stride(0)
+    dtype = torch.int32 if w.shape[0] * stride < 2**31 else torch.int64
+    return vals.T.contiguous(), (idx.T * (stride // row_align(w))).to(dtype).contiguous()
+
+
+def row_align(w: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing W's row stride (a hint for the row kernels)."""
+    return math.gcd(w.stride(0), 16)
 
 
 def _sweep_geometry(k: int, d: int) -> tuple[int, int, int]:
@@ -142,9 +168,11 @@ def _sweep_geometry(k: int, d: int) -> tuple[int, int, int]:
     return _tile("SAE_KERNELS_SWEEP_TILE", (64, 64, 8), d, k)
 
 
-def _sweep(out, dots, gw, vals_t, idx_t, w, bias, vec, dot_atomic=True) -> None:
+def _sweep(out, dots, gw, vals_t, off_t, w, bias, vec, dot_atomic=True) -> None:
     """Launch sparse_sweep_kernel over (row blocks, D-chunks) in the modes its arguments ask for."""
-    k, n = idx_t.shape
+    k, n = off_t.shape
+    if gw is not None and gw.stride() != w.stride():
+        raise ValueError("the W gradient must have W's strides (row offsets are shared)")
     d = w.shape[1]
     block_b, block_d, warps = _sweep_geometry(k, d)
     grid = (triton.cdiv(n, block_b), triton.cdiv(d, block_d))
@@ -154,13 +182,12 @@ def _sweep(out, dots, gw, vals_t, idx_t, w, bias, vec, dot_atomic=True) -> None:
         dots if dots is not None else dummy,
         gw if gw is not None else dummy,
         vals_t,
-        idx_t,
+        off_t,
         w,
         bias if bias is not None else dummy,
         vec if vec is not None else dummy,
         n,
         d,
-        w.stride(0),
         out.stride(0) if out is not None else 0,
         vec.stride(0) if vec is not None else 0,
         dots.stride(0) if dots is not None and dots.dim() == 3 else 0,
@@ -171,7 +198,9 @@ def _sweep(out, dots, gw, vals_t, idx_t, w, bias, vec, dot_atomic=True) -> None:
         DOT_ATOMIC=dot_atomic,
         SCATTER=gw is not None,
         EVEN_D=d % block_d == 0,
+        ALIGN=row_align(w),
         STAGES=knobs.integer(STAGES_ENV, 6),
+        UNROLL=knobs.integer(UNROLL_ENV, 1),
         BLOCK_B=block_b,
         BLOCK_D=block_d,
         num_warps=warps,
@@ -183,7 +212,7 @@ def sparse_decode(vals, idx, w, bias, out_dtype) -> torch.Tensor:
     n = idx.shape[0]
     out = _new((n, w.shape[1]), out_dtype, w.device)
     if n > 0:
-        _sweep(out, None, None, *_step_major(vals, idx), w, bias, None)
+        _sweep(out, None, None, *_step_major(vals, idx, w), w, bias, None)
     return out
 
 
@@ -226,7 +255,7 @@ def sparse_outer_backward(
             None,
             dots,
             gw if atomic else None,
-            *_step_major(coef, idx),
+            *_step_major(coef, idx, w),
             w,
             None,
             vec,
@@ -263,13 +292,13 @@ class HierarchicalLoss(torch.autograd.Function):
         d = w_dec.shape[1]
         n_j = len(loss_indices(k, every))
         block_b, block_d, warps = _hier_geometry(k, d, want_grad)
-        stages = knobs.integer(STAGES_ENV, 6)
+        stages, unroll = _hier_pipeline(want_grad)
         n_chunks = triton.cdiv(d, block_d)
         dev = w_dec.device
         loss_part = _new((n_chunks, n), torch.float32, dev)
-        # Step-major (K, B) copies: each step's loads of a row block's values and indices, and
-        # its dL/dvals atomics, touch one contiguous run instead of one sector per row.
-        vals_t, idx_t = vals.T.contiguous(), idx.T.to(torch.int32).contiguous()
+        # Step-major (K, B) copies: each step's loads of a row block's values and row offsets,
+        # and its dL/dvals atomics, touch one contiguous run instead of one sector per row.
+        vals_t, off_t = _step_major(vals, idx, w_dec)
         gv = gr = gw = None
         # dL/dvals: atomically added into (K, B) by every chunk's program, or per-chunk partials
         # summed afterwards (deterministic; partials were not faster when measured, H100).
@@ -294,7 +323,7 @@ class HierarchicalLoss(torch.autograd.Function):
                 gr if gr is not None else loss_part,
                 gw_buf if gw_buf is not None else loss_part,
                 vals_t,
-                idx_t,
+                off_t,
                 w_dec,
                 b_dec,
                 x,
@@ -303,7 +332,6 @@ class HierarchicalLoss(torch.autograd.Function):
                 d_end,
                 every,
                 scale,
-                w_dec.stride(0),
                 x.stride(0),
                 n * k,
                 d,
@@ -313,7 +341,9 @@ class HierarchicalLoss(torch.autograd.Function):
                 GW_MODE=gw_mode,
                 GV_ATOMIC=gv_atomic,
                 EVEN_D=d_start % block_d == 0 and (d_end - d_start) % block_d == 0,
+                ALIGN=row_align(w_dec),
                 STAGES=stages,
+                UNROLL=unroll,
                 BLOCK_B=block_b,
                 BLOCK_D=block_d,
                 num_warps=warps,
