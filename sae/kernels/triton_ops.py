@@ -143,14 +143,18 @@ def _segment_sum(values: torch.Tensor, segs: tuple[torch.Tensor, torch.Tensor]) 
 def _step_major(
     vals: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, B) copies of vals and of the row offsets idx · stride(W) / row_align(W): what the row
-    kernels read, one contiguous run per step for a block of rows. Offsets are int32 when every
-    element of W is within 2^31 of its start (the kernels then skip a 64-bit multiply per row
-    and step), else int64.
+    """(K, B) copies of vals (fp32) and of the row offsets idx · stride(W) / row_align(W): what
+    the row kernels read, one contiguous run per step for a block of rows. Offsets are int32 when
+    every element of W is within 2^31 of its start (the kernels then skip a 64-bit multiply per
+    row and step), else int64.
     """
     stride = w.stride(0)
     dtype = torch.int32 if w.shape[0] * stride < 2**31 else torch.int64
-    return vals.T.contiguous(), (idx.T * (stride // row_align(w))).to(dtype).contiguous()
+    # vals in fp32 whatever their dtype: 2-byte loads cannot be asynchronous copies, so bf16
+    # values would be loaded synchronously inside the kernels' pipelined loops.
+    vals_t = torch.empty(vals.shape[::-1], dtype=torch.float32, device=vals.device)
+    vals_t.copy_(vals.T)
+    return vals_t, (idx.T * (stride // row_align(w))).to(dtype).contiguous()
 
 
 def row_align(w: torch.Tensor) -> int:
