@@ -105,6 +105,27 @@ def test_hierarchical_loss_when_d_is_a_multiple_of_the_tile(deterministic, gen):
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
+def test_row_kernels_with_int64_row_offsets(gen, monkeypatch):
+    """Dictionaries of 2^31 elements or more get int64 row offsets: the same kernels, checked
+    here by lowering the threshold (a real one would not fit in a test)."""
+    from sae.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "INT32_OFFSETS_BELOW", 0)
+    assert triton_ops._step_major(*sparse_inputs(2, 8, 5, 3, gen)[:3])[1].dtype == torch.int64
+    vals, idx, w, bias, x = sparse_inputs(5, 37, 40, 6, gen)
+    ours = leaves(vals, w, bias, x)
+    loss = kernels.hierarchical_loss(ours[0], idx, ours[1], ours[2], ours[3], 2, backend="triton")
+    recon = kernels.topk_decode(ours[0], idx, ours[1], ours[2], backend="triton")
+    (loss + recon.square().mean()).backward()
+    ref = leaves(vals, w, bias, x, dtype=torch.float64)
+    ref_loss = reference.hierarchical_loss(ref[0], idx, ref[1], ref[2], ref[3], 2)
+    ref_recon = reference.topk_decode(ref[0], idx, ref[1], ref[2])
+    (ref_loss + ref_recon.square().mean()).backward()
+    assert rel_err(loss, ref_loss) < TOL
+    for name, a, r in zip(("vals", "W_dec", "b_dec", "x"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
 def test_hierarchical_loss_bf16_activations_and_partial_grads(gen):
     b, d, f, k = 9, 75, 128, 24
     vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)

@@ -30,6 +30,7 @@ POISON_ENV = "SAE_KERNELS_POISON"
 # Benchmark knob (read at call time): how the sparse ops accumulate W's gradient rows.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 STAGES_ENV = "SAE_KERNELS_STAGES"  # steps of loads in flight in the row kernels' sweeps
+INT32_OFFSETS_BELOW = 2**31  # elements of W up to which the row kernels' offsets are int32
 UNROLL_ENV = "SAE_KERNELS_UNROLL"  # steps per iteration of the row kernels' sweeps (1: none)
 
 
@@ -149,7 +150,7 @@ def _step_major(
     row and step), else int64.
     """
     stride = w.stride(0)
-    dtype = torch.int32 if w.shape[0] * stride < 2**31 else torch.int64
+    dtype = torch.int32 if w.shape[0] * stride < INT32_OFFSETS_BELOW else torch.int64
     # vals in fp32 whatever their dtype: 2-byte loads cannot be asynchronous copies, so bf16
     # values would be loaded synchronously inside the kernels' pipelined loops.
     vals_t = torch.empty(vals.shape[::-1], dtype=torch.float32, device=vals.device)
