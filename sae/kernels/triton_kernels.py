@@ -4,9 +4,9 @@ The row kernels (`sparse_sweep_kernel` for the TopK ops, `hierarchical_kernel`) 
 (BLOCK_B rows, BLOCK_D columns) and step over K: at step i every row of the tile gathers its
 i-th dictionary row's chunk. vals and row offsets come step-major ((K, B)) so a step's loads
 for the tile's rows are contiguous, and Triton's software pipeliner keeps several steps of
-offset -> row loads in flight. Grids are (row blocks, chunks) with row blocks fastest, so the programs resident at
-any moment all read the same D-chunk of the dictionary: that (F, BLOCK_D) slice stays in L2
-while the batch sweeps over it.
+offset -> row loads in flight. Grids are (row blocks, chunks) with row blocks fastest, so the
+programs resident at any moment all read the same D-chunk of the dictionary: that (F, BLOCK_D)
+slice stays in L2 while the batch sweeps over it.
 
 Scatter-adds into the (F, D) weight gradients come in two flavours: atomics from the row kernels
 (fast, order-dependent), or a segment reduction over the (b, k) pairs sorted by latent
@@ -171,8 +171,8 @@ def hierarchical_kernel(
     over K is needed): sweep 1 accumulates Σ_{j∈J} ||R_j||² and T = Σ_{j∈J} R_j; sweep 2
     (gradients only) carries S_i = T − Σ_{j<i, j∈J} R_j = Σ_{j≥i, j∈J} R_j, so dL/dv_i ∝
     <S_i, e_i>, dL/de_i ∝ v_i S_i and dL/dr_0 ∝ T = S_1. Sweep 2 re-reads the rows the same
-    program just read, from L2. Both sweeps are software-pipelined by Triton (STAGES steps of
-    index -> row loads in flight).
+    program just read, from L2. Both sweeps are software-pipelined by Triton (STAGES loop
+    iterations of offset -> row loads in flight, UNROLL steps per iteration).
     vals and the row offsets (`_step_rows`) are step-major (K, B) (gW has W's row stride);
     dL/dvals is written step-major too: gv[(chunk,) i, b].
     Unscaled partials are written; the caller applies −2/(B|J|) (gw_scale here, on the scatter).

@@ -50,9 +50,9 @@ def _hier_geometry(k: int, d: int, want_grad: bool) -> tuple[int, int, int]:
     that held K rows of one token per tile spent most of their time in tl.cumsum over K.
     SAE_KERNELS_HIER_TILE="bb,bd,warps" overrides, for tuning runs.
     """
-    # Tuned on the H100 (docs/kernels-notes.md §21), 6 pipeline stages: with gradients
-    # (32, 32, 8) — 5.67 ms at B=8192 K=128 against 5.85-6.5 for the other tiles; the
-    # forward alone (no grad) is faster on (64, 64, 8): 1.66 vs 2.12 ms.
+    # Tuned on the H100 (docs/kernels-notes.md §21, §28): with gradients (32, 32, 8) — 5.31 ms
+    # at B=8192 K=128 (two steps per iteration, 4 stages) against 5.9-11.2 for the other tiles;
+    # the forward alone (no grad, 6 stages) is faster on (64, 64, 8): 1.6 vs 2.1 ms.
     default = (32, 32, 8) if want_grad else (64, 64, 8)
     return _tile("SAE_KERNELS_HIER_TILE", default, d, k)
 
@@ -61,7 +61,7 @@ def _hier_pipeline(want_grad: bool) -> tuple[int, int]:
     """(pipeline stages, steps per loop iteration) of the hierarchical kernel's sweeps.
 
     With gradients, two steps per iteration and 4 stages: 5.35 ms against 5.79 for one step and
-    6 stages (H100, B=8192 K=128, docs/kernels-notes.md §26) — fewer loop and address
+    6 stages (H100, B=8192 K=128, docs/kernels-notes.md §28) — fewer loop and address
     instructions per step in an issue-heavy loop. The no-grad forward is best as it was.
     SAE_KERNELS_STAGES / SAE_KERNELS_UNROLL override both.
     """
@@ -141,21 +141,24 @@ def _segment_sum(values: torch.Tensor, segs: tuple[torch.Tensor, torch.Tensor]) 
     return csum[seg[1:]] - csum[seg[:-1]]
 
 
+def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous (K, B) copy of a (B, K) tensor in `dtype`, in one pass."""
+    out = torch.empty(t.shape[::-1], dtype=dtype, device=t.device)
+    return out.copy_(t.T)
+
+
 def _step_major(
     vals: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, B) copies of vals (fp32) and of the row offsets idx · stride(W) / row_align(W): what
     the row kernels read, one contiguous run per step for a block of rows. Offsets are int32 when
     every element of W is within 2^31 of its start (the kernels then skip a 64-bit multiply per
-    row and step), else int64.
+    row and step), else int64. vals are fp32 whatever their dtype: 2-byte loads cannot be
+    asynchronous copies, so bf16 values would be loaded synchronously inside the pipelined loops.
     """
     stride = w.stride(0)
     dtype = torch.int32 if w.shape[0] * stride < INT32_OFFSETS_BELOW else torch.int64
-    # vals in fp32 whatever their dtype: 2-byte loads cannot be asynchronous copies, so bf16
-    # values would be loaded synchronously inside the kernels' pipelined loops.
-    vals_t = torch.empty(vals.shape[::-1], dtype=torch.float32, device=vals.device)
-    vals_t.copy_(vals.T)
-    return vals_t, (idx.T * (stride // row_align(w))).to(dtype).contiguous()
+    return _transposed(vals, torch.float32), _transposed(idx * (stride // row_align(w)), dtype)
 
 
 def row_align(w: torch.Tensor) -> int:
@@ -176,8 +179,7 @@ def _sweep_geometry(k: int, d: int) -> tuple[int, int, int]:
 def _sweep(out, dots, gw, vals_t, off_t, w, bias, vec, dot_atomic=True) -> None:
     """Launch sparse_sweep_kernel over (row blocks, D-chunks) in the modes its arguments ask for."""
     k, n = off_t.shape
-    if gw is not None and gw.stride() != w.stride():
-        raise ValueError("the W gradient must have W's strides (row offsets are shared)")
+    assert gw is None or gw.stride() == w.stride(), "gW shares W's row offsets"
     d = w.shape[1]
     block_b, block_d, warps = _sweep_geometry(k, d)
     grid = (triton.cdiv(n, block_b), triton.cdiv(d, block_d))
@@ -237,6 +239,7 @@ def sparse_outer_backward(
     repeatable); SAE_KERNELS_WGRAD=atomic scatters with atomics instead (for comparison).
     """
     n, k = idx.shape
+    w = w.contiguous()  # the atomic path's gW (contiguous) shares W's row offsets
     f, d = w.shape
     atomic = (
         want_w and not deterministic and knobs.choice(WGRAD_ENV, ("segment", "atomic")) == "atomic"

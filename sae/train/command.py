@@ -74,7 +74,7 @@ def train(
         "float32",
         "--adam-state",
         help="Adam moments: float32, or bfloat16 (stochastic rounding; half the optimiser "
-        "memory, about 0.7 ms less per step at Gemma-2-2B shape). May change on --resume.",
+        "memory, about 0.6-0.7 ms less per step at Gemma-2-2B shape). May change on --resume.",
     ),
 ) -> None:
     """Train a sparse autoencoder on a cache's train split; evaluate on its held-out split."""

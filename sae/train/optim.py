@@ -8,7 +8,7 @@ exp_avg, exp_avg_sq per parameter, one group), so checkpoints load either way. T
 three steps live in one place per device: the Triton kernel, or `adam_reference` on CPU.
 
 `state_dtype=torch.bfloat16` (`sae train --adam-state bfloat16`) stores both moments in bf16
-with stochastic rounding: half the optimiser memory and about 0.7 ms less per step at
+with stochastic rounding: half the optimiser memory and about 0.6-0.7 ms less per step at
 Gemma-2-2B shape on an H100 (docs/benchmarks.md). Every parameter then goes through our own
 update (Triton on CUDA, PyTorch on CPU), since torch's Adam keeps moments in the parameter's
 dtype. Loading a checkpoint casts the moments to this optimiser's dtype, so the option may
