@@ -211,6 +211,41 @@ def test_topk_encode_b_pre_gradient_matches_reference(deterministic, gen):
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
+@pytest.mark.parametrize("wgrad", ["segment", "atomic"])
+def test_topk_encode_under_bf16_autocast_takes_w_enc_gradient_from_bf16_x(wgrad, gen, monkeypatch):
+    """Under autocast the matmul reads bf16(x − b_pre); W_enc's gradient is the exact gradient
+    of that product, Σ g · bf16(x) per latent, not one taken from the fp32 x (which differs
+    at ~1e-3, so this bound tells the two apart). dx keeps x's dtype."""
+    monkeypatch.setenv("SAE_KERNELS_WGRAD", wgrad)
+    b, d, f, k = 9, 70, 150, 12
+    x = torch.randn(b, d, generator=gen)
+    w_enc = torch.randn(f, d, generator=gen) / d**0.5
+    b_enc = torch.randn(f, generator=gen) * 0.1
+    b_pre = torch.randn(d, generator=gen) * 0.1
+    weights = torch.randn(b, k, generator=gen)
+    ours = leaves(x, w_enc, b_enc, b_pre)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vals, idx = kernels.topk_encode(ours[0], *ours[1:3], k, b_pre=ours[3], backend="triton")
+    assert vals.dtype == torch.bfloat16
+    (vals.float() * weights).sum().backward()
+    # vals are bf16, so the gradient reaching them is bf16 too
+    g = (weights.to(torch.bfloat16).double() * (vals.detach() > 0)).double()
+    x_mm = (x - b_pre).to(torch.bfloat16).double()
+    ref_w = torch.zeros(f, d, dtype=torch.float64)
+    ref_w.index_add_(0, idx.reshape(-1), (g[:, :, None] * x_mm[:, None, :]).reshape(-1, d))
+    assert rel_err(ours[1].grad, ref_w) < TOL
+    x_fp32 = (x - b_pre).double()
+    fp32_w = torch.zeros(f, d, dtype=torch.float64)
+    fp32_w.index_add_(0, idx.reshape(-1), (g[:, :, None] * x_fp32[:, None, :]).reshape(-1, d))
+    assert rel_err(fp32_w, ref_w) > 1e-4  # the bound above does tell the two apart
+    ref_x = torch.zeros(b, d, dtype=torch.float64)
+    for j in range(k):
+        ref_x += g[:, j, None] * w_enc.double()[idx[:, j]]
+    assert ours[0].grad.dtype == torch.float32
+    assert rel_err(ours[0].grad, ref_x) < TOL
+    assert rel_err(ours[3].grad, -ref_x.sum(0)) < TOL
+
+
 @pytest.mark.parametrize(
     ("wgrad", "gv", "seg"),
     [

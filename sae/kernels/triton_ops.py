@@ -286,6 +286,14 @@ def scale_inplace(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x computes in: autocast's where it is on for x's device."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def _contig(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in ts]
 
@@ -432,6 +440,11 @@ class TopKEncode(torch.autograd.Function):
     def forward(ctx, x, w_enc, b_enc, b_pre, k, deterministic):
         if b_pre is not None:
             x = x - b_pre
+        ctx.x_dtype = x.dtype
+        # The matmul's input precision made explicit: under autocast x is rounded to bf16 here
+        # (as autocast would inside the matmul), and W_enc's gradient is taken from that copy:
+        # the exact gradient of the product computed, and half the bytes for its row gathers.
+        x = x.to(_matmul_dtype(x))
         # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
         # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
         pre = torch.addmm(b_enc.to(x.dtype), x, w_enc.to(x.dtype).T)
@@ -453,7 +466,7 @@ class TopKEncode(torch.autograd.Function):
         x = x.contiguous()
         g_x = g_w = g_b = g_pre = None
         if need_x:
-            g_x = sparse_decode(g, idx, w_enc.contiguous(), None, x.dtype)
+            g_x = sparse_decode(g, idx, w_enc.contiguous(), None, ctx.x_dtype)
         f = w_enc.shape[0]
         # One latent sort serves W_enc's gradient and, in deterministic mode, b_enc's.
         need_sums = need_b or need_pre
