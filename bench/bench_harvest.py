@@ -22,13 +22,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import source_commit
 
 # google/gemma-2-2b's architecture (its config.json values), without its weights.
 GEMMA_2_2B = {
@@ -206,9 +206,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "shape": args.shape,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": source_commit(),
         "attn_implementation": attn,
         "torch": torch.__version__,
         "batch_windows": args.batch,

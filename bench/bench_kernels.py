@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import source_commit
 
 from sae import kernels
 from sae.kernels import reference
@@ -117,6 +118,21 @@ def check(gen, log) -> list[dict]:
                 # informational: bf16 rounding reorders near-ties of the top-k
                 name = f"encode B={b} D={d} K={k} {str(act)[6:]} det={det}"
                 record(name, errs, tol, {"idx_match": same})
+        # the trainer's encoder: fp32 x under bf16 autocast. W_enc's gradient is that of the
+        # bf16 product, Σ g · bf16(x) per latent (g: the bf16 gradient reaching the bf16 vals).
+        for det in (False, True):
+            ps = leaves(w_enc, b_enc)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                ev, ei = kernels.topk_encode(x, *ps, k, backend="triton", deterministic=det)
+            (ev.float() * weights).sum().backward()
+            g = weights.to(torch.bfloat16).double() * (ev.detach() > 0)
+            xb = x.to(torch.bfloat16).double()
+            ref_w = torch.zeros(f, d, dtype=torch.float64, device=dev)
+            ref_w.index_add_(0, ei.reshape(-1), (g[:, :, None] * xb[:, None, :]).reshape(-1, d))
+            ref_b = torch.zeros(f, dtype=torch.float64, device=dev)
+            ref_b.index_add_(0, ei.reshape(-1), g.reshape(-1))
+            errs = {"W_enc": rel_err(ps[0].grad, ref_w), "b_enc": rel_err(ps[1].grad, ref_b)}
+            record(f"encode autocast B={b} D={d} K={k} det={det}", errs, 1e-4)
         del w, w_enc
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)
@@ -378,10 +394,21 @@ def profile(gen, log, b=8192, k=128) -> None:
         log(f"profile {name} B={b} K={k} (5 calls)\n{table}")
 
 
+def run_info() -> dict:
+    """What a result file records about its run: source commit, versions, device."""
+    import triton
+
+    return {
+        "commit": source_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name(),
+    }
+
+
 def start_run(out: Path, name: str):
     """(log, generator): a timestamped logger to stdout and out/name.log, a freshly seeded
     CUDA generator, and the versions and device written first."""
-    import triton
 
     out.mkdir(parents=True, exist_ok=True)
     logf = (out / f"{name}.log").open("a")
@@ -392,7 +419,7 @@ def start_run(out: Path, name: str):
         logf.write(line + "\n")
         logf.flush()
 
-    log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
+    log(" ".join(f"{key} {value}" for key, value in run_info().items()))
     gen = torch.Generator(device="cuda")
     gen.seed()
     return log, gen
@@ -430,6 +457,7 @@ def main() -> None:
         ]
     if "profile" in parts:
         profile(gen, log)
+    results["run"] = [run_info()]
     (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
     log("summary")
     for part in ("check",):

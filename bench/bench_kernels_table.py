@@ -45,6 +45,8 @@ def main() -> None:
     for path in sys.argv[1:]:
         for part, rows in json.loads(Path(path).read_text()).items():
             merged[part] += rows
+    for run in merged.pop("run", []):
+        print("Run: " + ", ".join(f"{key} {value}" for key, value in run.items()) + "\n")
     checks = merged.pop("check", [])
     if checks:
         ok = sum(r["ok"] for r in checks)

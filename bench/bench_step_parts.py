@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import D, F, Model, bench, random_sparse, start_run
+from bench_kernels import D, F, Model, bench, random_sparse, run_info, start_run
 
 from sae import kernels
 from sae.kernels import triton_ops
@@ -444,6 +444,7 @@ def main() -> None:
         else:
             results[name] = parts[name](args.batch, args.k, gen, log)
         torch.cuda.empty_cache()
+    results["run"] = [run_info()]
     (args.out / "bench_step_parts.json").write_text(json.dumps(results, indent=1))
 
 

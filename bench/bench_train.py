@@ -23,11 +23,11 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from provenance import source_commit
 
 SHAPES = {
     "gemma-2-2b": {"d_model": 2304, "n_latents": 65536, "k": 128, "batch": 4096},
@@ -224,10 +224,7 @@ def main() -> None:
     e2e_workers = {
         w: e2e(f"run-workers-{w}", CacheSource(cache_url, read_workers=w)) for w in (1, 2)
     }
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = source_commit()
     result = {
         "shape": args.shape,
         **shape,
