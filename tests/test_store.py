@@ -472,3 +472,17 @@ def test_concurrent_writers_and_safe_paths(tmp_path):
                 overwrite=overwrite,
             )
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_reader_checksum_is_crc32c_as_zarr_stores_it():
+    """The reader's CRC-32C (GIL-releasing `crc32c` package) equals zarr's google_crc32c on
+    bytes and on the numpy views the reader passes, and the standard check value."""
+    import google_crc32c
+
+    from sae.store.rows import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283
+    rng = np.random.default_rng()
+    data = rng.integers(0, 256, size=300_000, dtype=np.uint8)  # above the GIL-release size
+    for view in (data, data[17:], data[:1000], data.tobytes()):
+        assert crc32c(view) == google_crc32c.value(bytes(view))
