@@ -61,8 +61,8 @@ def train(
     read_workers: int = typer.Option(
         1,
         "--read-workers",
-        help="Cache reader threads: 1 keeps up with an H100 from a warm local cache; more for "
-        "cold disks or remote caches (they contend with the training thread).",
+        help="Cache reader threads: 1 keeps up with an H100 or H200 from a warm local cache; "
+        "more for cold disks or remote caches.",
     ),
     encoder_dtype: str = typer.Option(
         "bfloat16",
