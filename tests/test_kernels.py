@@ -211,6 +211,35 @@ def test_topk_encode_b_pre_gradient_matches_reference(deterministic, gen):
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_encode_selected_gradients_match_float64_reference(deterministic, gen):
+    """BatchTopK's encoder: candidates selected without gradient, cut to a narrower width and
+    masked, then made differentiable; gradients of W_enc, b_enc and b_pre vs float64."""
+    b, d, f, k = 7, 37, 300, 13
+    x = torch.randn(b, d, generator=gen)
+    w_enc = torch.randn(f, d, generator=gen) / d**0.5
+    b_enc = torch.randn(f, generator=gen) * 0.1
+    b_pre = torch.randn(d, generator=gen) * 0.1
+    with torch.no_grad():
+        cand, idx = kernels.topk_encode(x, w_enc, b_enc, k, b_pre=b_pre, backend="triton")
+    cand, idx = cand[:, :9], idx[:, :9]
+    keep = cand >= cand.flatten().kthvalue(cand.numel() - 40).values  # 40 kept over the batch
+    weights = torch.randn(b, 9, generator=gen)
+    ours = leaves(w_enc, b_enc, b_pre)
+    vals = kernels.encode_selected(
+        x, ours[0], ours[1], cand, idx, b_pre=ours[2], backend="triton", deterministic=deterministic
+    )
+    assert torch.equal(vals, cand)
+    (vals * keep * weights).sum().backward()
+    ref = leaves(w_enc, b_enc, b_pre, dtype=torch.float64)
+    ref_vals = kernels.encode_selected(
+        x.double(), ref[0], ref[1], cand.double(), idx, b_pre=ref[2], backend="torch"
+    )
+    (ref_vals * keep * weights.double()).sum().backward()
+    for name, a, r in zip(("W_enc", "b_enc", "b_pre"), ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name
+
+
 @pytest.mark.parametrize("wgrad", ["segment", "atomic"])
 def test_topk_encode_under_bf16_autocast_takes_w_enc_gradient_from_bf16_x(wgrad, gen, monkeypatch):
     """Under autocast the matmul reads bf16(x − b_pre); W_enc's gradient is the exact gradient

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sae.train import archs
 from sae.train.archs import _JumpReLU, _Step, auxk_loss, forward_batchtopk, forward_topk
 from sae.train.model import SAEConfig, SparseAutoencoder
 
@@ -58,6 +60,60 @@ def test_batchtopk_keeps_n_times_k_over_the_batch():
     kept = acts.flatten().topk(18).values
     torch.testing.assert_close(fwd.min_kept, kept[kept > 0].min())
     torch.testing.assert_close(fwd.l0, (acts >= kept.min()).sum() / 6.0)
+
+
+def _batchtopk_case(k: int, n_latents: int, seed: int):
+    cfg = SAEConfig(d_model=8, n_latents=n_latents, k=k, arch="batchtopk", input_scale=1.5)
+    sae = SparseAutoencoder(cfg)
+    sae.init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(seed + 2)).mul_(0.1)
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(seed + 3))
+    return sae, x
+
+
+def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
+    sae.zero_grad(set_to_none=True)
+    fwd.loss.backward()
+    grads = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    return [fwd.loss.detach(), fwd.l0, fwd.min_kept, fwd.fired, fwd.recon(), *grads]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
+    """Candidates (4k per row) + the sparse kernels give the dense path's loss, metrics and
+    gradients; 3 rows x 40 latents with k = 5 keep 5 rows' worth of activations in all."""
+    monkeypatch.setenv("SAE_KERNELS", backend)  # triton: the kernels under TRITON_INTERPRET
+    sae, x = _batchtopk_case(k=5, n_latents=60, seed=7)
+    dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
+    sparse = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
+    assert archs._batchtopk_sparse(sae, x * 1.5, x, 45, False, None, False) is not None
+    for name, a, b in zip(
+        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
+        sparse,
+        dense,
+        strict=True,
+    ):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batchtopk_row_beyond_its_candidates_takes_the_dense_path():
+    """One row with a huge norm holds more than 4k of the batch's n·k activations: the sparse
+    path declines (its candidates could miss some) and the result is the dense one."""
+    sae, x = _batchtopk_case(k=2, n_latents=60, seed=11)
+    x = x.clone()
+    x[4] *= 50.0
+    target = x * 1.5
+    centered = target - sae.b_dec
+    assert archs._batchtopk_sparse(sae, target, centered, 9 * 2, False, None, False) is None
+    dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
+    auto = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
+    for a, b in zip(auto, dense, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_auxk_uses_only_dead_latents():

@@ -30,7 +30,14 @@ import torch
 from sae.kernels import reference
 from sae.kernels.reference import loss_indices
 
-__all__ = ["hierarchical_loss", "loss_indices", "topk_decode", "topk_encode"]
+__all__ = [
+    "encode_selected",
+    "hierarchical_loss",
+    "loss_indices",
+    "topk_decode",
+    "topk_encode",
+    "uses_triton",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -42,6 +49,11 @@ def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
     if choice == "auto":
         return t.is_cuda
     return choice == "triton"
+
+
+def uses_triton(t: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether calls on tensors like t take the Triton kernels (else the PyTorch reference)."""
+    return _use_triton(t, backend)
 
 
 def _check_sparse(vals: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
@@ -75,6 +87,36 @@ def topk_encode(
     from sae.kernels.triton_ops import TopKEncode
 
     return TopKEncode.apply(x, W_enc, b_enc, b_pre, k, deterministic)
+
+
+def encode_selected(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    b_pre: torch.Tensor | None = None,
+    backend: str | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """`vals` (B, K), the relu'd encoder values at latents `idx` chosen without gradient (from
+    `topk_encode` under no_grad, then cut further, as BatchTopK does), made differentiable in x,
+    W_enc, b_enc and b_pre. The values are returned as given; the backward is topk_encode's
+    sparse one (on the reference path, autograd through the recomputed values at idx). Call it
+    under the same autocast as the selection: W_enc's gradient uses the matmul's input dtype.
+    """
+    _check_sparse(vals, idx, W_enc)
+    if not _use_triton(x, backend):
+        xc = x if b_pre is None else x - b_pre
+        rows = W_enc[idx]  # (B, K, D): reference only
+        dtype = torch.promote_types(xc.dtype, rows.dtype)
+        pre = torch.einsum("bd,bkd->bk", xc.to(dtype), rows.to(dtype)) + b_enc[idx]
+        live = pre.relu().to(vals.dtype)
+        return vals + (live - live.detach())  # vals' values, the recomputation's gradient
+    from sae.kernels.triton_ops import SelectedEncode
+
+    return SelectedEncode.apply(x, W_enc, b_enc, b_pre, vals, idx, deterministic)
 
 
 def topk_decode(

@@ -429,6 +429,53 @@ class TopKDecode(torch.autograd.Function):
         return g_vals, None, g_w, g_b, None
 
 
+def _matmul_input(ctx, x: torch.Tensor, b_pre: torch.Tensor | None) -> torch.Tensor:
+    """x − b_pre in the dtype the encoder matmul computes in (bf16 under autocast); x's own
+    dtype is kept on ctx for dx. W_enc's gradient is taken from this copy: the exact gradient of
+    the product computed, and half the bytes for its row gathers under autocast."""
+    if b_pre is not None:
+        x = x - b_pre
+    ctx.x_dtype = x.dtype
+    return x.to(_matmul_dtype(x))
+
+
+def _save_for_encoder_backward(ctx, x_mm, w_enc, b_enc, b_pre, idx, vals, deterministic) -> None:
+    ctx.save_for_backward(x_mm, w_enc, idx, vals)
+    ctx.deterministic = deterministic
+    ctx.b_dtype = b_enc.dtype
+    ctx.pre_dtype = b_pre.dtype if b_pre is not None else None
+
+
+def _encoder_backward(ctx, grad_vals: torch.Tensor) -> tuple:
+    """(dx, dW_enc, db_enc, db_pre) from the sparse (B, K) gradient of the relu'd vals; inputs
+    (x, W_enc, b_enc, b_pre) come first in both encoder Functions."""
+    x, w_enc, idx, vals = ctx.saved_tensors
+    need_x, need_w, need_b, need_pre = ctx.needs_input_grad[:4]
+    g = (grad_vals.float() * (vals > 0)).contiguous()
+    x = x.contiguous()
+    g_x = g_w = g_b = g_pre = None
+    if need_x:
+        g_x = sparse_decode(g, idx, w_enc.contiguous(), None, ctx.x_dtype)
+    f = w_enc.shape[0]
+    # One latent sort serves W_enc's gradient and, in deterministic mode, b_enc's.
+    need_sums = need_b or need_pre
+    segs = latent_segments(idx, f) if need_w or (need_sums and ctx.deterministic) else None
+    if need_w:
+        gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic, segs)
+        g_w = gw.to(w_enc.dtype)
+    if need_sums:
+        if ctx.deterministic:
+            per_latent = _segment_sum(g, segs).float()
+        else:
+            per_latent = torch.zeros(f, dtype=torch.float32, device=g.device)
+            per_latent.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        if need_b:
+            g_b = per_latent.to(ctx.b_dtype)
+        if need_pre:
+            g_pre = -(per_latent @ w_enc.float()).to(ctx.pre_dtype)
+    return g_x, g_w, g_b, g_pre
+
+
 class TopKEncode(torch.autograd.Function):
     """relu(top-k((x − b_pre) W_encᵀ + b_enc)); backward from the sparse (B, K) gradient only.
 
@@ -438,50 +485,33 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, b_pre, k, deterministic):
-        if b_pre is not None:
-            x = x - b_pre
-        ctx.x_dtype = x.dtype
-        # The matmul's input precision made explicit: under autocast x is rounded to bf16 here
-        # (as autocast would inside the matmul), and W_enc's gradient is taken from that copy:
-        # the exact gradient of the product computed, and half the bytes for its row gathers.
-        x = x.to(_matmul_dtype(x))
+        x = _matmul_input(ctx, x, b_pre)
         # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
         # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
         pre = torch.addmm(b_enc.to(x.dtype), x, w_enc.to(x.dtype).T)
         vals, idx = row_topk(pre, k)
         del pre
         vals = vals.relu()
-        ctx.save_for_backward(x, w_enc, idx, vals)
-        ctx.deterministic = deterministic
-        ctx.b_dtype = b_enc.dtype
-        ctx.pre_dtype = b_pre.dtype if b_pre is not None else None
+        _save_for_encoder_backward(ctx, x, w_enc, b_enc, b_pre, idx, vals, deterministic)
         ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx):
-        x, w_enc, idx, vals = ctx.saved_tensors
-        need_x, need_w, need_b, need_pre, _, _ = ctx.needs_input_grad
-        g = (grad_vals.float() * (vals > 0)).contiguous()
-        x = x.contiguous()
-        g_x = g_w = g_b = g_pre = None
-        if need_x:
-            g_x = sparse_decode(g, idx, w_enc.contiguous(), None, ctx.x_dtype)
-        f = w_enc.shape[0]
-        # One latent sort serves W_enc's gradient and, in deterministic mode, b_enc's.
-        need_sums = need_b or need_pre
-        segs = latent_segments(idx, f) if need_w or (need_sums and ctx.deterministic) else None
-        if need_w:
-            gw, _ = sparse_outer_backward(g, idx, x, w_enc, True, False, ctx.deterministic, segs)
-            g_w = gw.to(w_enc.dtype)
-        if need_sums:
-            if ctx.deterministic:
-                per_latent = _segment_sum(g, segs).float()
-            else:
-                per_latent = torch.zeros(f, dtype=torch.float32, device=g.device)
-                per_latent.index_add_(0, idx.reshape(-1), g.reshape(-1))
-            if need_b:
-                g_b = per_latent.to(ctx.b_dtype)
-            if need_pre:
-                g_pre = -(per_latent @ w_enc.float()).to(ctx.pre_dtype)
-        return g_x, g_w, g_b, g_pre, None, None
+        return (*_encoder_backward(ctx, grad_vals), None, None)
+
+
+class SelectedEncode(torch.autograd.Function):
+    """The encoder's relu'd values at latents chosen elsewhere from the same matmul (BatchTopK's
+    batch-wide cut over per-row candidates): the values pass through, and the backward is
+    TopKEncode's sparse one, so only the chosen (B, K) entries cost anything."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, b_pre, vals, idx, deterministic):
+        x = _matmul_input(ctx, x, b_pre)
+        _save_for_encoder_backward(ctx, x, w_enc, b_enc, b_pre, idx, vals, deterministic)
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        return (*_encoder_backward(ctx, grad_vals), None, None, None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.kernels import hierarchical_loss, topk_decode, topk_encode
+from sae.kernels import encode_selected, hierarchical_loss, topk_decode, topk_encode, uses_triton
 from sae.runtime import RankInfo
 from sae.train import distributed as ddp
 from sae.train.model import SparseAutoencoder
@@ -82,45 +82,129 @@ def forward_topk(
     return Forward(loss, target, centered, fired, l0, recon)
 
 
+# BatchTopK's sparse path takes each row's CANDIDATES_PER_K·k largest activations as candidates
+# for the batch-wide cut; a batch where some row might hold more above the cut takes the dense path.
+CANDIDATES_PER_K = 4
+
+
 def forward_batchtopk(
     sae: SparseAutoencoder,
     x: torch.Tensor,
     encoder_bf16: bool = False,
     info: RankInfo | None = None,
+    deterministic: bool = False,
+    sparse: bool | None = None,
 ) -> Forward:
-    """Keep the n·k largest activations of the whole batch (some rows get more, some fewer).
+    """Keep the n·k largest activations of the whole batch (some rows get more, some fewer;
+    ties at the cut are all kept).
 
     Under torchrun "the whole batch" is the global one: the cut is the n·k-th largest value over
-    all ranks (ties at the cut are all kept), so 2 ranks train like 1 process on both halves.
+    all ranks, so 2 ranks train like 1 process on both halves.
+
+    `sparse` (default: where the Triton kernels run) selects from each row's top
+    CANDIDATES_PER_K·k and decodes with the sparse kernels, exactly: a row can only lose
+    activations above the cut if its last candidate is at or above it, and then the whole batch
+    (all ranks) takes the dense path. The price is one host sync per step; the dense path's
+    (B, F) decode and backward cost several times the step at Gemma-2-2B shape.
     """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
     centered = target - sae.b_dec
+    world = 1 if info is None else info.world_size
+    n_keep = min(target.shape[0] * cfg.n_latents, target.shape[0] * world * cfg.k)
+    if sparse if sparse is not None else uses_triton(target):
+        fwd = _batchtopk_sparse(sae, target, centered, n_keep, encoder_bf16, info, deterministic)
+        if fwd is not None:
+            return fwd
+    return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
+
+
+def _batch_cut(acts: torch.Tensor, n_keep: int, info: RankInfo | None) -> torch.Tensor:
+    """The n_keep-th largest of acts over the batch (over all ranks under torchrun)."""
+    return ddp.global_threshold(acts, n_keep, info or RankInfo(0, 1, 0))
+
+
+def _min_kept(kept: torch.Tensor, info: RankInfo | None) -> torch.Tensor:
+    """Smallest kept positive activation (inf when none), over ranks: the inference θ's input."""
+    inf = kept.new_full((1,), float("inf"))
+    min_kept = torch.cat([kept.masked_fill(kept <= 0, float("inf")).reshape(-1), inf]).min()
+    if info is not None:
+        min_kept = ddp.min_over_ranks(min_kept.reshape(1), info)[0]  # the global batch's
+    return min_kept
+
+
+def _batchtopk_sparse(
+    sae: SparseAutoencoder,
+    target: torch.Tensor,
+    centered: torch.Tensor,
+    n_keep: int,
+    encoder_bf16: bool,
+    info: RankInfo | None,
+    deterministic: bool,
+) -> Forward | None:
+    """BatchTopK from per-row candidates with the sparse kernels; None where the dense path
+    must decide (some row, on some rank, may hold activations above the cut beyond its
+    candidates)."""
+    cfg = sae.cfg
+    n_cand = min(cfg.n_latents, CANDIDATES_PER_K * cfg.k)
+    with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
+        cand, cand_idx = topk_encode(target, sae.W_enc, sae.b_enc, n_cand, b_pre=sae.b_dec)
+    cand32 = cand.float()
+    cut = _batch_cut(cand32, n_keep, info)
+    last = cand32[:, -1]
+    short = ((last > 0) & (last >= cut)).any() if n_cand < cfg.n_latents else last.new_zeros(())
+    keep = (cand32 >= cut) & (cand32 > 0)  # rows sorted descending: kept entries are a prefix
+    flags = torch.stack([short.float(), keep.sum(1).max().float()])
+    if info is not None and info.world_size > 1:
+        flags[0] = -ddp.min_over_ranks(-flags[:1], info)[0]  # any rank short: all go dense
+    short_any, width = (int(v) for v in flags.tolist())  # the step's one host sync
+    if short_any:
+        return None
+    width = max(width, 1)
+    cand, cand_idx, keep = cand[:, :width], cand_idx[:, :width], keep[:, :width]
+    with _encoder_autocast(target, encoder_bf16):
+        vals = encode_selected(
+            target,
+            sae.W_enc,
+            sae.b_enc,
+            cand,
+            cand_idx,
+            b_pre=sae.b_dec,
+            deterministic=deterministic,
+        )
+    vals = vals * keep
+    full = topk_decode(vals, cand_idx, sae.W_dec, sae.b_dec, deterministic=deterministic)
+    loss = _sq_err(full, target)
+    kept = vals.detach()
+    return Forward(
+        loss,
+        target,
+        centered,
+        _fired_from_sparse(kept, cand_idx, cfg.n_latents),
+        (kept > 0).sum(-1).float().mean(),
+        lambda: full.detach(),
+        _min_kept(kept.float(), info),
+    )
+
+
+def _batchtopk_dense(
+    sae: SparseAutoencoder,
+    target: torch.Tensor,
+    centered: torch.Tensor,
+    n_keep: int,
+    encoder_bf16: bool,
+    info: RankInfo | None,
+) -> Forward:
+    """BatchTopK over the dense (B, F) activations: the reference, and the fallback."""
     with _encoder_autocast(target, encoder_bf16):
         pre = centered @ sae.W_enc.T + sae.b_enc
     acts = pre.float().relu()
-    if info is None or info.world_size == 1:
-        n_keep = min(acts.numel(), acts.shape[0] * cfg.k)
-        kept_vals, flat_idx = acts.flatten().topk(n_keep, sorted=False)
-        mask = torch.zeros(acts.numel(), dtype=acts.dtype, device=acts.device)
-        mask.index_fill_(0, flat_idx, 1.0)
-    else:
-        n_keep = acts.shape[0] * info.world_size * cfg.k
-        with torch.no_grad():
-            cut = ddp.global_threshold(acts.detach(), n_keep, info)
-            keep = acts.detach().flatten() >= cut
-        kept_vals = acts.detach().flatten()[keep]
-        mask = keep.to(acts.dtype)
-    sparse = acts * mask.view_as(acts)
+    with torch.no_grad():
+        keep = acts >= _batch_cut(acts, n_keep, info)
+    sparse = acts * keep
     full = sae.decode_dense(sparse)
     loss = _sq_err(full, target)
     active = sparse.detach() > 0
-    kept = kept_vals.detach()
-    # inf: nothing positive kept (a rank may keep nothing at all under torchrun)
-    inf = kept.new_full((1,), float("inf"))
-    min_kept = torch.cat([kept.masked_fill(kept <= 0, float("inf")), inf]).min()
-    if info is not None:
-        min_kept = ddp.min_over_ranks(min_kept.reshape(1), info)[0]  # the global batch's
     return Forward(
         loss,
         target,
@@ -128,7 +212,7 @@ def forward_batchtopk(
         active.any(0),
         active.sum(-1).float().mean(),
         lambda: full.detach(),
-        min_kept,
+        _min_kept(sparse.detach()[keep], info),
     )
 
 
@@ -230,5 +314,5 @@ def forward(
     if arch in ("hierarchical", "topk"):
         return forward_topk(sae, x, arch == "hierarchical", deterministic, encoder_bf16)
     if arch == "batchtopk":
-        return forward_batchtopk(sae, x, encoder_bf16, info)
+        return forward_batchtopk(sae, x, encoder_bf16, info, deterministic)
     return forward_jumprelu(sae, x, l0_coef, bandwidth, encoder_bf16)
