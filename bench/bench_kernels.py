@@ -134,6 +134,32 @@ def check(gen, log) -> list[dict]:
             errs = {"W_enc": rel_err(ps[0].grad, ref_w), "b_enc": rel_err(ps[1].grad, ref_b)}
             record(f"encode autocast B={b} D={d} K={k} det={det}", errs, 1e-4)
         del w, w_enc
+    # BatchTopK: per-row candidates + sparse kernels vs the dense (B, F) path, fp32 and bf16
+    # encoder (the trainer's arch forward, loss and every parameter's gradient)
+    from sae.train import archs
+    from sae.train.model import SAEConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=F, k=32, arch="batchtopk"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae = sae.to(dev)
+    xb = torch.randn(512, D, device=dev, generator=gen)
+    for bf16, tol in ((False, 1e-4), (True, 1e-2)):
+        outs = {}
+        for sparse in (False, True):
+            sae.zero_grad(set_to_none=True)
+            fwd = archs.forward_batchtopk(sae, xb, encoder_bf16=bf16, sparse=sparse)
+            fwd.loss.backward()
+            outs[sparse] = [fwd.loss.detach(), *(p.grad.clone() for p in sae.parameters())]
+        with torch.no_grad():
+            target = xb * sae.cfg.input_scale
+            took = archs._batchtopk_sparse(
+                sae, target, target - sae.b_dec, 512 * 32, bf16, None, False
+            )
+        names = ["loss", *(n for n, _ in sae.named_parameters())]
+        errs = {n: rel_err(a, r) for n, a, r in zip(names, outs[True], outs[False], strict=True)}
+        info = {"sparse_path_taken": took is not None}
+        record(f"batchtopk sparse vs dense bf16_encoder={bf16}", errs, tol, info)
+    del sae
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)
     w = torch.randn(F, D, device=dev, generator=gen) / D**0.5

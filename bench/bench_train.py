@@ -102,8 +102,11 @@ def steady_rate(run_dir: Path, warmup: int) -> float:
     return (logs[-1]["tokens"] - first["tokens"]) / (logs[-1]["seconds"] - first["seconds"])
 
 
-def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[float, float]:
-    """Median seconds of one training step, and of fwd+bwd alone, on GPU-resident batches."""
+def kernel_only(
+    cfg, source, shape: dict, device: torch.device, args, fwd_bwd: bool = True
+) -> tuple[float, float]:
+    """Median seconds of one training step, and of the hierarchical fwd+bwd alone (NaN when
+    not asked for), on GPU-resident batches."""
     from sae.kernels import hierarchical_loss, topk_encode
     from sae.runtime import RankInfo
     from sae.train.trainer import Trainer
@@ -119,15 +122,17 @@ def kernel_only(cfg, source, shape: dict, device: torch.device, args) -> tuple[f
         lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
     )
     sae = trainer.sae
+    if not fwd_bwd:
+        return step_s, float("nan")
 
-    def fwd_bwd() -> None:
+    def fwd_bwd_step() -> None:
         x = batches[0] * sae.cfg.input_scale
         bf16 = cfg.encoder_dtype == "bfloat16" and device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             vals, idx = topk_encode(x, sae.W_enc, sae.b_enc, shape["k"], b_pre=sae.b_dec)
         hierarchical_loss(vals, idx, sae.W_dec, sae.b_dec, x, args.loss_every).backward()
 
-    return step_s, time_windows(fwd_bwd, device, 5, 5, 10)
+    return step_s, time_windows(fwd_bwd_step, device, 5, 5, 10)
 
 
 def main() -> None:
@@ -140,11 +145,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--loss-every", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--archs",
+        default="",
+        help="also time the kernel-only step of these architectures (comma-separated)",
+    )
+    parser.add_argument(
+        "--kernel-only", action="store_true", help="skip the end-to-end and diagnosis runs"
+    )
     args = parser.parse_args()
 
     from sae.train.config import TrainConfig
     from sae.train.data import CacheSource
-    from sae.train.trainer import train
 
     shape = SHAPES[args.shape]
     device = torch.device(args.device)
@@ -155,12 +167,14 @@ def main() -> None:
     write_s = write_cache(cache_url, args.cache_tokens, shape["d_model"], seed=0)
     print(f"cache: {args.cache_tokens} tokens x {shape['d_model']} written in {write_s:.1f}s")
 
-    def config(out: Path, steps: int, encoder_dtype: str = "bfloat16") -> TrainConfig:
+    def config(
+        out: Path, steps: int, encoder_dtype: str = "bfloat16", arch: str = "hierarchical"
+    ) -> TrainConfig:
         return TrainConfig(
             cache=cache_url,
             out=str(out),
             k=shape["k"],
-            arch="hierarchical",
+            arch=arch,
             n_latents=shape["n_latents"],
             loss_every=args.loss_every,
             batch=shape["batch"],
@@ -186,20 +200,74 @@ def main() -> None:
     step_s, fwd_bwd_s = kernel_only(
         config(root / "kernel-only", args.steps), CacheSource(cache_url), shape, device, args
     )
+    kernel_rate = shape["batch"] / step_s
+    arch_steps = {}  # the baselines' kernel-only steps (bf16 encoder), same process
+    for arch in filter(None, args.archs.split(",")):
+        cfg = config(root / f"kernel-only-{arch}", args.steps, arch=arch)
+        arch_steps[arch] = kernel_only(cfg, CacheSource(cache_url), shape, device, args, False)[0]
+        print(f"kernel-only step, {arch}: {arch_steps[arch] * 1e3:.2f} ms")
+    result = {
+        "shape": args.shape,
+        **shape,
+        "loss_every": args.loss_every,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": source_commit(),
+        "cache_tokens": args.cache_tokens,
+        "cache_write_s": write_s,
+        "kernel_only_step_ms_fp32_encoder": step32_s * 1e3,
+        "fwd_bwd_ms_fp32_encoder": fwd_bwd32_s * 1e3,
+        "kernel_only_step_ms": step_s * 1e3,
+        "kernel_only_tokens_per_s": kernel_rate,
+        "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "kernel_only_step_ms_by_arch": {a: t * 1e3 for a, t in arch_steps.items()},
+    }
+    if not args.kernel_only:
+        result.update(end_to_end(args, shape, device, root, cache_url, config, kernel_rate))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| kernel-only step, float32 encoder (ms, median) | {step32_s * 1e3:.2f} |")
+    print(f"| fwd+bwd only, float32 encoder (ms) | {fwd_bwd32_s * 1e3:.2f} |")
+    print(f"| kernel-only step (ms, median) | {step_s * 1e3:.2f} |")
+    print(f"| kernel-only tokens/s | {kernel_rate:,.0f} |")
+    print(f"| fwd+bwd only (ms) | {fwd_bwd_s * 1e3:.2f} |")
+    for arch, t in arch_steps.items():
+        print(f"| kernel-only step, {arch} (ms, median) | {t * 1e3:.2f} |")
+    if args.kernel_only:
+        return
+    print(f"| end-to-end tokens/s (steady) | {result['e2e_tokens_per_s']:,.0f} |")
+    print(f"| end-to-end / kernel-only | {result['e2e_vs_kernel_only']:.1%} |")
+    print(f"| reader alone (no training) tokens/s | {result['reader_alone_tokens_per_s']:,.0f} |")
+    print(
+        "| end-to-end without checksum verification tokens/s | "
+        f"{result['e2e_unverified_tokens_per_s']:,.0f} |"
+    )
+    for w, rate in result["e2e_verified_by_read_workers"].items():
+        print(f"| end-to-end, verified, {w} reader thread(s) tokens/s | {rate:,.0f} |")
+    print(f"| GPU memory peak | {result['gpu_peak_gib']:.2f} GiB |")
+
+
+def end_to_end(args, shape, device, root: Path, cache_url: str, config, kernel_rate) -> dict:
+    """The trainer from the on-disk cache, then the diagnosis runs: the reader alone, and end
+    to end without checksums and with 1 and 2 reader threads."""
+    from sae.store import open_cache
+    from sae.train.data import CacheSource
+    from sae.train.trainer import train
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-    # --- end to end from the on-disk cache ----------------------------------------------------
     run_dir = root / "run"
     t0 = time.perf_counter()
     summary = train(config(run_dir, args.steps))
     e2e_wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     e2e_rate = steady_rate(run_dir, args.warmup)
-    kernel_rate = shape["batch"] / step_s
 
-    # --- where an end-to-end gap comes from: the reader alone, and e2e without checksums -------
     src = CacheSource(cache_url)
     it = src.train_batches(shape["batch"], seed=1, rank=0, world_size=1, device=device, cursor=None)
     for _ in range(10):
@@ -212,7 +280,6 @@ def main() -> None:
         batch_t.sum().item()
     reader_rate = n_read * shape["batch"] / (time.perf_counter() - t0)
     it.stream.close()
-    from sae.store import open_cache
 
     def e2e(name: str, source: CacheSource) -> float:
         train(config(root / name, args.steps), source)
@@ -224,21 +291,7 @@ def main() -> None:
     e2e_workers = {
         w: e2e(f"run-workers-{w}", CacheSource(cache_url, read_workers=w)) for w in (1, 2)
     }
-    commit = source_commit()
-    result = {
-        "shape": args.shape,
-        **shape,
-        "loss_every": args.loss_every,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "commit": commit,
-        "cache_tokens": args.cache_tokens,
-        "cache_write_s": write_s,
-        "kernel_only_step_ms_fp32_encoder": step32_s * 1e3,
-        "fwd_bwd_ms_fp32_encoder": fwd_bwd32_s * 1e3,
-        "kernel_only_step_ms": step_s * 1e3,
-        "kernel_only_tokens_per_s": kernel_rate,
-        "fwd_bwd_ms": fwd_bwd_s * 1e3,
+    return {
         "e2e_tokens_per_s": e2e_rate,
         "e2e_vs_kernel_only": e2e_rate / kernel_rate,
         "reader_alone_tokens_per_s": reader_rate,
@@ -249,24 +302,6 @@ def main() -> None:
         "gpu_peak_gib": peak / 2**30,
         "final_train_loss": summary["train"].get("loss"),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print()
-    print("| measure | value |")
-    print("|---|---|")
-    print(f"| kernel-only step, float32 encoder (ms, median) | {step32_s * 1e3:.2f} |")
-    print(f"| fwd+bwd only, float32 encoder (ms) | {fwd_bwd32_s * 1e3:.2f} |")
-    print(f"| kernel-only step (ms, median) | {step_s * 1e3:.2f} |")
-    print(f"| kernel-only tokens/s | {kernel_rate:,.0f} |")
-    print(f"| fwd+bwd only (ms) | {fwd_bwd_s * 1e3:.2f} |")
-    print(f"| end-to-end tokens/s (steady) | {e2e_rate:,.0f} |")
-    print(f"| end-to-end / kernel-only | {e2e_rate / kernel_rate:.1%} |")
-    print(f"| reader alone (no training) tokens/s | {reader_rate:,.0f} |")
-    print(f"| end-to-end without checksum verification tokens/s | {e2e_unverified:,.0f} |")
-    for w, rate in e2e_workers.items():
-        print(f"| end-to-end, verified, {w} reader thread(s) tokens/s | {rate:,.0f} |")
-    print(f"| GPU memory peak | {peak / 2**30:.2f} GiB |")
 
 
 if __name__ == "__main__":
