@@ -88,7 +88,8 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
     sae, x = _batchtopk_case(k=5, n_latents=60, seed=7)
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     sparse = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
-    assert archs._batchtopk_sparse(sae, x * 1.5, x, 45, False, None, False) is not None
+    assert archs._batchtopk_sparse(sae, x * 1.5, x, 45, False, None, False, 20) is not None
+    assert forward_batchtopk(sae, x, sparse=True).candidates is None  # nothing to change
     for name, a, b in zip(
         ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
         sparse,
@@ -109,11 +110,20 @@ def test_batchtopk_row_beyond_its_candidates_takes_the_dense_path():
     x[4] *= 50.0
     target = x * 1.5
     centered = target - sae.b_dec
-    assert archs._batchtopk_sparse(sae, target, centered, 9 * 2, False, None, False) is None
+    assert archs._batchtopk_sparse(sae, target, centered, 9 * 2, False, None, False, 8) is None
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
-    auto = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
-    for a, b in zip(auto, dense, strict=True):
+    fwd = forward_batchtopk(sae, x, sparse=True)
+    for a, b in zip(_loss_and_grads(sae, fwd), dense, strict=True):
         assert torch.equal(a, b)
+    assert fwd.candidates == 16  # twice the 4k tried: the next batches take more
+    # the candidates keep doubling while the batch does not fit; then it is sparse again and
+    # gives the same result
+    tried = [fwd.candidates]
+    while (again := forward_batchtopk(sae, x, sparse=True, candidates=tried[-1])).candidates:
+        tried.append(again.candidates)
+    assert tried == [16, 32], tried  # 18 kept, all in row 4: 32 candidates hold them
+    for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):  # sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_auxk_uses_only_dead_latents():

@@ -20,7 +20,8 @@ Values equal torch.topk's exactly; ties at the k-th value may pick other, equal-
 out as the canonical (positive) NaN.
 
 Knobs (benchmarks, read at call time): SAE_KERNELS_TOPK = select (default) | torch;
-SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,8,4").
+SAE_KERNELS_TOPK_TILE = "chunk,groups per k,warps" (default "1024,8,4", fewer groups per k
+above k = 128).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ TOPK_CHOICES = ("select", "torch")
 TILE_ENV = "SAE_KERNELS_TOPK_TILE"
 # elements per load in the row passes, groups per k (more: fewer candidates, more to sort), warps
 _TILE = (1024, 8, 4)
+# Groups per k shrink for large k so that about this many group maxima get sorted: at k = 512
+# (BatchTopK's candidates) 8 groups per k meant sorting 4096 maxima, 3.26 ms on an H200 vs 1.16
+# with 2 per k (torch.topk: 2.06); about 700 candidates are then expected, under CAP = 1024.
+_SORTED_GROUPS = 1024
 _MAX_GROUPS = 4096  # group maxima sorted in registers
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -202,7 +207,9 @@ def row_topk(
     The contract of `x.topk(k, dim=1, sorted=True)` for a 2-D x (which it falls back to for
     shapes and dtypes the kernel does not cover). Runs on CUDA, or on CPU under TRITON_INTERPRET.
     """
-    chunk, per_k, warps = knobs.tile(TILE_ENV, _TILE)
+    chunk, per_k, warps = _TILE
+    per_k = min(per_k, max(2, _SORTED_GROUPS // max(k, 1)))
+    chunk, per_k, warps = knobs.tile(TILE_ENV, (chunk, per_k, warps))
     if chunk & (chunk - 1) or per_k < 1:
         raise ValueError(f"{TILE_ENV}: chunk must be a power of two and groups per k >= 1")
     ok = x.dim() == 2 and x.dtype in _DTYPES

@@ -29,6 +29,9 @@ class Forward:
     l0: torch.Tensor  # scalar: mean active latents per row
     recon: Callable[[], torch.Tensor]  # (B, D) full reconstruction, detached (computed lazily)
     min_kept: torch.Tensor | None = None  # batchtopk: smallest kept positive activation (θ)
+    # batchtopk's sparse path: per-row candidates to take from now on (more after a batch had
+    # to go dense; the trainer keeps it), None when unchanged
+    candidates: int | None = None
 
 
 def _fired_from_sparse(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -82,8 +85,9 @@ def forward_topk(
     return Forward(loss, target, centered, fired, l0, recon)
 
 
-# BatchTopK's sparse path takes each row's CANDIDATES_PER_K·k largest activations as candidates
-# for the batch-wide cut; a batch where some row might hold more above the cut takes the dense path.
+# BatchTopK's sparse path starts from each row's CANDIDATES_PER_K·k largest activations as
+# candidates for the batch-wide cut; a batch where some row might hold more above the cut takes
+# the dense path, and the candidates double for the batches after it.
 CANDIDATES_PER_K = 4
 
 
@@ -94,6 +98,7 @@ def forward_batchtopk(
     info: RankInfo | None = None,
     deterministic: bool = False,
     sparse: bool | None = None,
+    candidates: int | None = None,
 ) -> Forward:
     """Keep the n·k largest activations of the whole batch (some rows get more, some fewer;
     ties at the cut are all kept).
@@ -104,8 +109,9 @@ def forward_batchtopk(
     `sparse` (default: where the Triton kernels run) selects from each row's top
     CANDIDATES_PER_K·k and decodes with the sparse kernels, exactly: a row can only lose
     activations above the cut if its last candidate is at or above it, and then the whole batch
-    (all ranks) takes the dense path. The price is one host sync per step; the dense path's
-    (B, F) decode and backward cost several times the step at Gemma-2-2B shape.
+    (all ranks) takes the dense path, and its Forward asks for twice the `candidates`
+    (default CANDIDATES_PER_K·k) from then on. The price is one host sync per step; the dense
+    path's (B, F) decode and backward cost several times the sparse step at Gemma-2-2B shape.
     """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
@@ -113,10 +119,26 @@ def forward_batchtopk(
     world = 1 if info is None else info.world_size
     n_keep = min(target.shape[0] * cfg.n_latents, target.shape[0] * world * cfg.k)
     if sparse if sparse is not None else uses_triton(target):
-        fwd = _batchtopk_sparse(sae, target, centered, n_keep, encoder_bf16, info, deterministic)
+        n_cand = min(cfg.n_latents, candidates or CANDIDATES_PER_K * cfg.k)
+        fwd = _batchtopk_sparse(
+            sae, target, centered, n_keep, encoder_bf16, info, deterministic, n_cand
+        )
         if fwd is not None:
             return fwd
+        fwd = _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
+        fwd.candidates = min(cfg.n_latents, 2 * n_cand)
+        return fwd
     return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
+
+
+def _width_bucket(width: int, cap: int) -> int:
+    """The kept width rounded up to 16, 24, 32, 48, 64, 96, …: the sparse kernels compile once
+    per K, and a new width every step recompiled them every step (395 ms a step on an H200).
+    At most 1.5× the columns, and a handful of compiles per run."""
+    bucket = 16
+    while bucket < width:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return min(bucket, cap)
 
 
 def _batch_cut(acts: torch.Tensor, n_keep: int, info: RankInfo | None) -> torch.Tensor:
@@ -141,12 +163,12 @@ def _batchtopk_sparse(
     encoder_bf16: bool,
     info: RankInfo | None,
     deterministic: bool,
+    n_cand: int,
 ) -> Forward | None:
-    """BatchTopK from per-row candidates with the sparse kernels; None where the dense path
-    must decide (some row, on some rank, may hold activations above the cut beyond its
-    candidates)."""
+    """BatchTopK from each row's n_cand largest activations with the sparse kernels; None
+    where the dense path must decide (some row, on some rank, may hold activations above the
+    cut beyond its candidates)."""
     cfg = sae.cfg
-    n_cand = min(cfg.n_latents, CANDIDATES_PER_K * cfg.k)
     with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
         cand, cand_idx = topk_encode(target, sae.W_enc, sae.b_enc, n_cand, b_pre=sae.b_dec)
     cand32 = cand.float()
@@ -160,7 +182,7 @@ def _batchtopk_sparse(
     short_any, width = (int(v) for v in flags.tolist())  # the step's one host sync
     if short_any:
         return None
-    width = max(width, 1)
+    width = _width_bucket(width, n_cand)
     cand, cand_idx, keep = cand[:, :width], cand_idx[:, :width], keep[:, :width]
     with _encoder_autocast(target, encoder_bf16):
         vals = encode_selected(
@@ -174,16 +196,22 @@ def _batchtopk_sparse(
         )
     vals = vals * keep
     full = topk_decode(vals, cand_idx, sae.W_dec, sae.b_dec, deterministic=deterministic)
-    loss = _sq_err(full, target)
     kept = vals.detach()
+    fired = _fired_from_sparse(kept, cand_idx, cfg.n_latents)
+    return _batchtopk_forward(full, target, centered, fired, kept, kept.float(), info)
+
+
+def _batchtopk_forward(full, target, centered, fired, kept, kept_values, info) -> Forward:
+    """The Forward of either BatchTopK path: `kept` holds the kept activations (zeros elsewhere),
+    `kept_values` those the inference θ is estimated from."""
     return Forward(
-        loss,
+        _sq_err(full, target),
         target,
         centered,
-        _fired_from_sparse(kept, cand_idx, cfg.n_latents),
+        fired,
         (kept > 0).sum(-1).float().mean(),
         lambda: full.detach(),
-        _min_kept(kept.float(), info),
+        _min_kept(kept_values, info),
     )
 
 
@@ -203,17 +231,9 @@ def _batchtopk_dense(
         keep = acts >= _batch_cut(acts, n_keep, info)
     sparse = acts * keep
     full = sae.decode_dense(sparse)
-    loss = _sq_err(full, target)
-    active = sparse.detach() > 0
-    return Forward(
-        loss,
-        target,
-        centered,
-        active.any(0),
-        active.sum(-1).float().mean(),
-        lambda: full.detach(),
-        _min_kept(sparse.detach()[keep], info),
-    )
+    kept = sparse.detach()
+    fired = (kept > 0).any(0)
+    return _batchtopk_forward(full, target, centered, fired, kept, kept[keep], info)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -306,13 +326,17 @@ def forward(
     deterministic: bool = False,
     encoder_bf16: bool = False,
     info: RankInfo | None = None,
+    batchtopk_candidates: int | None = None,
 ) -> Forward:
     """Dispatch on cfg.arch (`deterministic`: bitwise-repeatable GPU kernels, a bit slower;
     `encoder_bf16`: encoder matmul under bf16 autocast on CUDA; `info`: the torchrun ranks, for
-    BatchTopK's global selection)."""
+    BatchTopK's global selection; `batchtopk_candidates`: what the last Forward.candidates
+    asked for)."""
     arch = sae.cfg.arch
     if arch in ("hierarchical", "topk"):
         return forward_topk(sae, x, arch == "hierarchical", deterministic, encoder_bf16)
     if arch == "batchtopk":
-        return forward_batchtopk(sae, x, encoder_bf16, info, deterministic)
+        return forward_batchtopk(
+            sae, x, encoder_bf16, info, deterministic, candidates=batchtopk_candidates
+        )
     return forward_jumprelu(sae, x, l0_coef, bandwidth, encoder_bf16)

@@ -86,6 +86,7 @@ class Trainer:
         self.theta_count = torch.zeros((), dtype=torch.int64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.aux_active = False
+        self.batchtopk_candidates: int | None = None  # BatchTopK's per-row candidates (adaptive)
         self.last_good_step: int | None = None
         self.cursor: dict | None = None
         if cfg.resume:
@@ -226,7 +227,10 @@ class Trainer:
             cfg.deterministic,
             encoder_bf16=cfg.encoder_dtype == "bfloat16",
             info=self.info,
+            batchtopk_candidates=self.batchtopk_candidates,
         )
+        if fwd.candidates is not None:  # a batch went dense: more candidates from now on
+            self.batchtopk_candidates = fwd.candidates
         total = fwd.loss
         if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
             dead = self.since_fired >= cfg.dead_tokens
