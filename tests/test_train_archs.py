@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae.kernels import topk_decode
 from sae.train import archs
 from sae.train.archs import _JumpReLU, _Step, auxk_loss, forward_batchtopk, forward_topk
 from sae.train.model import SAEConfig, SparseAutoencoder
@@ -80,15 +81,26 @@ def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
     return [fwd.loss.detach(), fwd.l0, fwd.min_kept, fwd.fired, fwd.recon(), *grads]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "quantile"), [("torch", 0.99), ("triton", 0.99), ("triton", 0.2)]
+)
+def test_batchtopk_sparse_path_equals_dense(backend, quantile, monkeypatch):
     """Candidates (4k per row) + the sparse kernels give the dense path's loss, metrics and
-    gradients; 3 rows x 40 latents with k = 5 keep 5 rows' worth of activations in all."""
+    gradients (9 rows, k = 10 over 200 latents). At quantile 0.2 the rows with more kept
+    activations than the narrow main width take the rest in a second decode."""
     monkeypatch.setenv("SAE_KERNELS", backend)  # triton: the kernels under TRITON_INTERPRET
-    sae, x = _batchtopk_case(k=5, n_latents=60, seed=7)
+    monkeypatch.setattr(archs, "MAIN_QUANTILE", quantile)
+    decodes = []
+
+    def counting_decode(vals, *args, **kwargs):
+        decodes.append(tuple(vals.shape))
+        return topk_decode(vals, *args, **kwargs)
+
+    monkeypatch.setattr(archs, "topk_decode", counting_decode)
+    sae, x = _batchtopk_case(k=10, n_latents=200, seed=7)
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     sparse = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
-    assert archs._batchtopk_sparse(sae, x * 1.5, x, 45, False, None, False, 20) is not None
+    assert len(decodes) == (2 if quantile < 0.5 else 1), decodes
     assert forward_batchtopk(sae, x, sparse=True).candidates is None  # nothing to change
     for name, a, b in zip(
         ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),

@@ -7,6 +7,7 @@ hierarchical loss go through `sae.kernels` (Triton on CUDA, PyTorch on CPU).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +90,9 @@ def forward_topk(
 # candidates for the batch-wide cut; a batch where some row might hold more above the cut takes
 # the dense path, and the candidates double for the batches after it.
 CANDIDATES_PER_K = 4
+# The sparse path's decode is as wide as this quantile of the rows' kept counts; the rows above
+# it take their extra columns in a second call.
+MAIN_QUANTILE = 0.99
 
 
 def forward_batchtopk(
@@ -176,40 +180,60 @@ def _batchtopk_sparse(
     last = cand32[:, -1]
     short = ((last > 0) & (last >= cut)).any() if n_cand < cfg.n_latents else last.new_zeros(())
     keep = (cand32 >= cut) & (cand32 > 0)  # rows sorted descending: kept entries are a prefix
-    flags = torch.stack([short.float(), keep.sum(1).max().float()])
+    counts = keep.sum(1).float()
+    # Rows past the MAIN_QUANTILE of kept counts ("heavy") get their extra columns in a second,
+    # narrow call, so one heavy row does not widen every row's decode.
+    main = counts.kthvalue(max(1, math.ceil(MAIN_QUANTILE * counts.numel()))).values
+    heavy = counts > main
+    flags = torch.stack([short.float(), counts.max(), main, heavy.sum().float()])
     if info is not None and info.world_size > 1:
         flags[0] = -ddp.min_over_ranks(-flags[:1], info)[0]  # any rank short: all go dense
-    short_any, width = (int(v) for v in flags.tolist())  # the step's one host sync
+    short_any, widest, main_width, n_heavy = (int(v) for v in flags.tolist())  # the one sync
     if short_any:
         return None
-    width = _width_bucket(width, n_cand)
-    cand, cand_idx, keep = cand[:, :width], cand_idx[:, :width], keep[:, :width]
-    with _encoder_autocast(target, encoder_bf16):
-        vals = encode_selected(
-            target,
-            sae.W_enc,
-            sae.b_enc,
-            cand,
-            cand_idx,
-            b_pre=sae.b_dec,
-            deterministic=deterministic,
-        )
-    vals = vals * keep
-    full = topk_decode(vals, cand_idx, sae.W_dec, sae.b_dec, deterministic=deterministic)
-    kept = vals.detach()
-    fired = _fired_from_sparse(kept, cand_idx, cfg.n_latents)
-    return _batchtopk_forward(full, target, centered, fired, kept, kept.float(), info)
+    main_width = _width_bucket(main_width, n_cand)
+    if widest <= main_width:
+        n_heavy = 0
+    parts = [(None, 0, main_width)]  # (rows or None for all, first column, width)
+    if n_heavy:
+        rows = torch.argsort(counts, descending=True)[:n_heavy]
+        parts.append((rows, main_width, _width_bucket(widest - main_width, n_cand - main_width)))
+    full, fired, n_active, kept_values = None, None, 0, []
+    for rows, col, width in parts:
+        sel = slice(col, col + width)
+        c, i, k = cand[:, sel], cand_idx[:, sel], keep[:, sel]
+        x_part = target
+        if rows is not None:
+            c, i, k, x_part = c[rows], i[rows], k[rows], target[rows]
+        with _encoder_autocast(target, encoder_bf16):
+            vals = encode_selected(
+                x_part, sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
+            )
+        vals = vals * k
+        if rows is None:
+            full = topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic)
+        else:
+            zero = torch.zeros_like(sae.b_dec)
+            extra = topk_decode(vals, i, sae.W_dec, zero, deterministic=deterministic)
+            full = full.index_add(0, rows, extra)  # each heavy row once: deterministic
+        kept = vals.detach()
+        part_fired = _fired_from_sparse(kept, i, cfg.n_latents)
+        fired = part_fired if fired is None else fired | part_fired
+        n_active = n_active + (kept > 0).sum()
+        kept_values.append(kept.float().reshape(-1))
+    l0 = n_active.float() / target.shape[0]
+    return _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
 
 
-def _batchtopk_forward(full, target, centered, fired, kept, kept_values, info) -> Forward:
-    """The Forward of either BatchTopK path: `kept` holds the kept activations (zeros elsewhere),
-    `kept_values` those the inference θ is estimated from."""
+def _batchtopk_forward(full, target, centered, fired, l0, kept_values, info) -> Forward:
+    """The Forward of either BatchTopK path; `kept_values` are the kept activations the
+    inference θ is estimated from."""
     return Forward(
         _sq_err(full, target),
         target,
         centered,
         fired,
-        (kept > 0).sum(-1).float().mean(),
+        l0,
         lambda: full.detach(),
         _min_kept(kept_values, info),
     )
@@ -231,9 +255,11 @@ def _batchtopk_dense(
         keep = acts >= _batch_cut(acts, n_keep, info)
     sparse = acts * keep
     full = sae.decode_dense(sparse)
-    kept = sparse.detach()
-    fired = (kept > 0).any(0)
-    return _batchtopk_forward(full, target, centered, fired, kept, kept[keep], info)
+    active = sparse.detach() > 0
+    l0 = active.sum(-1).float().mean()
+    return _batchtopk_forward(
+        full, target, centered, active.any(0), l0, sparse.detach()[keep], info
+    )
 
 
 class _JumpReLU(torch.autograd.Function):
