@@ -57,11 +57,19 @@ def _worker(rank: int, init_file: str, out: str, arch: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["hierarchical", "batchtopk", "jumprelu"])
-def test_two_ranks_equal_one_process(tmp_path, arch):
+@pytest.mark.parametrize(
+    ("arch", "ranks_batchtopk"),
+    [("hierarchical", None), ("batchtopk", None), ("batchtopk", "sparse"), ("jumprelu", None)],
+)
+def test_two_ranks_equal_one_process(tmp_path, arch, ranks_batchtopk, monkeypatch):
+    """ranks_batchtopk="sparse": the ranks take BatchTopK's sparse path (global cut over
+    per-row candidates, a dense fallback all ranks agree on) while the single process keeps
+    the dense one, so the two paths are compared too."""
     single = tmp_path / "single"
     train(_config(single, arch), _source())
     double = tmp_path / "double"
+    if ranks_batchtopk:
+        monkeypatch.setenv("SAE_BATCHTOPK", ranks_batchtopk)  # inherited by the spawned ranks
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(double), arch), nprocs=2, join=True)
     a, b = load_sae(single), load_sae(double)
     for name, tensor in a.state_dict().items():

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.kernels import encode_selected, hierarchical_loss, topk_decode, topk_encode, uses_triton
+from sae.kernels import (
+    encode_selected,
+    hierarchical_loss,
+    knobs,
+    topk_decode,
+    topk_encode,
+    uses_triton,
+)
 from sae.runtime import RankInfo
 from sae.train import distributed as ddp
 from sae.train.model import SparseAutoencoder
@@ -90,6 +97,9 @@ def forward_topk(
 # candidates for the batch-wide cut; a batch where some row might hold more above the cut takes
 # the dense path, and the candidates double for the batches after it.
 CANDIDATES_PER_K = 4
+# SAE_BATCHTOPK=sparse|dense forces a path (benchmarks, tests); auto (default): sparse where the
+# Triton kernels run.
+BATCHTOPK_ENV = "SAE_BATCHTOPK"
 # The sparse path's decode is as wide as this quantile of the rows' kept counts; the rows above
 # it take their extra columns in a second call.
 MAIN_QUANTILE = 0.99
@@ -110,7 +120,7 @@ def forward_batchtopk(
     Under torchrun "the whole batch" is the global one: the cut is the n·k-th largest value over
     all ranks, so 2 ranks train like 1 process on both halves.
 
-    `sparse` (default: where the Triton kernels run) selects from each row's top
+    `sparse` (default: SAE_BATCHTOPK, else where the Triton kernels run) selects from each row's top
     CANDIDATES_PER_K·k and decodes with the sparse kernels, exactly: a row can only lose
     activations above the cut if its last candidate is at or above it, and then the whole batch
     (all ranks) takes the dense path, and its Forward asks for twice the `candidates`
@@ -122,7 +132,10 @@ def forward_batchtopk(
     centered = target - sae.b_dec
     world = 1 if info is None else info.world_size
     n_keep = min(target.shape[0] * cfg.n_latents, target.shape[0] * world * cfg.k)
-    if sparse if sparse is not None else uses_triton(target):
+    if sparse is None:
+        path = knobs.choice(BATCHTOPK_ENV, ("auto", "sparse", "dense"))
+        sparse = uses_triton(target) if path == "auto" else path == "sparse"
+    if sparse:
         n_cand = min(cfg.n_latents, candidates or CANDIDATES_PER_K * cfg.k)
         fwd = _batchtopk_sparse(
             sae, target, centered, n_keep, encoder_bf16, info, deterministic, n_cand
