@@ -138,6 +138,13 @@ def test_batchtopk_row_beyond_its_candidates_takes_the_dense_path():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_batchtopk_path_knob_names_its_choices(monkeypatch):
+    sae, x = _batchtopk_case(k=2, n_latents=60, seed=3)
+    monkeypatch.setenv("SAE_BATCHTOPK", "fast")
+    with pytest.raises(ValueError, match="SAE_BATCHTOPK must be one of auto, sparse, dense"):
+        forward_batchtopk(sae, x)
+
+
 def test_auxk_uses_only_dead_latents():
     sae = _sae("topk", k=2)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))

@@ -198,9 +198,9 @@ def _batchtopk_sparse(
     # narrow call, so one heavy row does not widen every row's decode.
     main = counts.kthvalue(max(1, math.ceil(MAIN_QUANTILE * counts.numel()))).values
     heavy = counts > main
+    if info is not None:
+        short = ddp.any_rank(short.reshape(1), info)[0]  # any rank short: all go dense
     flags = torch.stack([short.float(), counts.max(), main, heavy.sum().float()])
-    if info is not None and info.world_size > 1:
-        flags[0] = -ddp.min_over_ranks(-flags[:1], info)[0]  # any rank short: all go dense
     short_any, widest, main_width, n_heavy = (int(v) for v in flags.tolist())  # the one sync
     if short_any:
         return None
