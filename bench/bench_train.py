@@ -24,6 +24,7 @@ import json
 import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -113,6 +114,12 @@ def kernel_only(
 
     trainer = Trainer(cfg, source, RankInfo(), device)
     batch = shape["batch"]
+    widths: Counter = Counter()  # batchtopk: the decode widths its sparse path chose
+    if cfg.arch == "batchtopk":
+        from sae.train import archs
+
+        bucket = archs._width_bucket
+        archs._width_bucket = lambda w, cap: widths.update([b := bucket(w, cap)]) or b
     batches = [
         torch.from_numpy(source.cache.read_rows(i * batch, (i + 1) * batch)).to(device).float()
         for i in range(4)
@@ -121,6 +128,13 @@ def kernel_only(
     step_s = time_windows(
         lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
     )
+    if cfg.arch == "batchtopk":
+        print(
+            f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps went dense; "
+            f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
+            f"widths (main and heavy-row calls) {dict(sorted(widths.items()))}"
+        )
+        archs._width_bucket = bucket
     sae = trainer.sae
     if not fwd_bwd:
         return step_s, float("nan")
