@@ -17,6 +17,8 @@ from planted import (
     write_planted_cache,
 )
 
+from sae.train import archs
+from sae.train.checkpoint import load_checkpoint
 from sae.train.config import TrainConfig
 from sae.train.data import CacheSource, TensorSource
 from sae.train.model import load_sae
@@ -78,6 +80,22 @@ def test_resume_in_memory_is_bitwise(tmp_path, arch):
     held = planted_activations(dictionary, 128, seed=4)
     make = lambda: TensorSource(train_rows, held)
     _assert_same_run(*_straight_and_resumed(tmp_path, make, "memory", arch))
+
+
+def test_batchtopk_sparse_path_resumes_with_its_learnt_candidates(tmp_path, monkeypatch):
+    """One candidate per k: the first batches go dense and double the candidates (4 → 16). The
+    checkpoint keeps that count, so the resumed run decodes sparsely like the straight one
+    instead of learning it again through dense batches (different sums, different bits)."""
+    monkeypatch.setenv(archs.BATCHTOPK_ENV, "sparse")
+    monkeypatch.setattr(archs, "CANDIDATES_PER_K", 1)
+    dictionary = planted_dictionary(32, 16)
+    train_rows = planted_activations(dictionary, 64 * 20)
+    held = planted_activations(dictionary, 128, seed=4)
+    make = lambda: TensorSource(train_rows, held)
+    straight, resumed = _straight_and_resumed(tmp_path, make, "memory", "batchtopk")
+    _assert_same_run(straight, resumed)
+    ckpt = load_checkpoint(resumed)
+    assert (ckpt["batchtopk_candidates"], ckpt["batchtopk_dense_steps"]) == (16, 2)
 
 
 def test_resume_from_store_is_bitwise(tmp_path):

@@ -190,6 +190,9 @@ class Trainer:
         self.theta.copy_(ckpt["theta"])
         self.theta_count.copy_(ckpt["theta_count"])
         self.aux_active = bool(ckpt["aux_active"])
+        # absent from checkpoints written before they were saved: learnt again
+        self.batchtopk_candidates = int(ckpt.get("batchtopk_candidates", 0)) or None
+        self.batchtopk_dense_steps = int(ckpt.get("batchtopk_dense_steps", 0))
         cursors, rngs = ckpt["cursors"], ckpt["rngs"]
         if len(cursors) != self.info.world_size:
             raise SaeError(
@@ -348,6 +351,9 @@ class Trainer:
                 "theta": self.theta.cpu(),
                 "theta_count": self.theta_count.cpu(),
                 "aux_active": self.aux_active,
+                # BatchTopK's learnt candidates: a resumed run decodes like one never stopped
+                "batchtopk_candidates": self.batchtopk_candidates or 0,
+                "batchtopk_dense_steps": self.batchtopk_dense_steps,
                 "seconds": self.seconds_before + time.perf_counter() - self.t0,
                 "d_model": self.cfg.d_model,
             }
