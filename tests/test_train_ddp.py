@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -48,13 +51,20 @@ def _source() -> TensorSource:
     )
 
 
-def _worker(rank: int, init_file: str, out: str, arch: str) -> None:
+def _worker(rank: int, port: int, out: str, arch: str) -> None:
+    """One torchrun-like rank: `train` joins the group from the environment and leaves it."""
+    faulthandler.enable(all_threads=True)  # a rank that aborts shows where its threads were
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        train(_config(Path(out), arch), _source())
-    finally:
-        dist.destroy_process_group()
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()} | {"MASTER_ADDR": "127.0.0.1"})
+    train(_config(Path(out), arch), _source())
+    assert not dist.is_initialized(), "train() should leave the process group it created"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -70,7 +80,7 @@ def test_two_ranks_equal_one_process(tmp_path, arch, ranks_batchtopk, monkeypatc
     double = tmp_path / "double"
     if ranks_batchtopk:
         monkeypatch.setenv("SAE_BATCHTOPK", ranks_batchtopk)  # inherited by the spawned ranks
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(double), arch), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(double), arch), nprocs=2, join=True)
     a, b = load_sae(single), load_sae(double)
     for name, tensor in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)

@@ -6,23 +6,39 @@ makes a step equal to one process's step on the concatenated global batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
 from sae.runtime import RankInfo, rank_info
 
 
-def setup(device: str) -> RankInfo:
-    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); else rank 0 of 1."""
+@contextmanager
+def joined(device: str) -> Iterator[RankInfo]:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU); else rank 0 of 1.
+
+    A group created here is left after a finished run, behind a barrier: a rank that exits
+    holding it can abort in gloo's threads during interpreter shutdown (SIGABRT after the work
+    is done), and NCCL warns. A group the caller made (notebooks, scripts) stays theirs."""
     env = rank_info()
     if dist.is_available() and dist.is_initialized():
-        return RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+        yield RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+        return
     if env.world_size <= 1:
-        return RankInfo()
+        yield RankInfo()
+        return
     if device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+    info = RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+    barrier(info)  # creating the group is no sync point; make it one
+    # An error propagates from here and the rank exits failing with its group held: tearing it
+    # down could wait on peers that are still running.
+    yield info
+    barrier(info)  # nobody tears down its end while a peer still talks to it
+    dist.destroy_process_group()
 
 
 def average_gradients(params: list[torch.nn.Parameter], info: RankInfo) -> None:

@@ -476,12 +476,12 @@ def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
     """Run `sae train` for this process (one rank under torchrun); returns the summary."""
     cfg.validate_options()
     device = resolve_device(cfg.device)
-    info = ddp.setup(str(device))
-    if source is None:
-        source = CacheSource(cfg.cache, read_workers=cfg.read_workers)
-    torch.manual_seed(cfg.seed + info.rank)
-    trainer = Trainer(cfg, source, info, device)
-    return trainer.run()
+    with ddp.joined(str(device)) as info:
+        if source is None:
+            source = CacheSource(cfg.cache, read_workers=cfg.read_workers)
+        torch.manual_seed(cfg.seed + info.rank)
+        trainer = Trainer(cfg, source, info, device)
+        return trainer.run()
 
 
 __all__ = ["Trainer", "geometric_median", "lr_at", "train"]
