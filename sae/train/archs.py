@@ -160,7 +160,7 @@ def _width_bucket(width: int, cap: int) -> int:
 
 def _batch_cut(acts: torch.Tensor, n_keep: int, info: RankInfo | None) -> torch.Tensor:
     """The n_keep-th largest of acts over the batch (over all ranks under torchrun)."""
-    return ddp.global_threshold(acts, n_keep, info or RankInfo(0, 1, 0))
+    return ddp.global_threshold(acts, n_keep, info or RankInfo())
 
 
 def _min_kept(kept: torch.Tensor, info: RankInfo | None) -> torch.Tensor:
