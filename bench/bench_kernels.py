@@ -17,6 +17,7 @@ Usage (GPU):  PYTHONPATH=$PWD python bench/bench_kernels.py --out $OUT [--parts 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -143,22 +144,30 @@ def check(gen, log) -> list[dict]:
     sae.init_weights(torch.Generator().manual_seed(0))
     sae = sae.to(dev)
     xb = torch.randn(512, D, device=dev, generator=gen)
-    for bf16, tol in ((False, 1e-4), (True, 1e-2)):
+    n_cand = archs.CANDIDATES_PER_K * sae.cfg.k
+    default_quantile = archs.MAIN_QUANTILE
+    # quantile 0.5 splits the decode (half the rows take their extra columns in a second call)
+    for (bf16, tol), quantile in itertools.product(((False, 1e-4), (True, 1e-2)), (0.99, 0.5)):
+        archs.MAIN_QUANTILE = quantile
         outs = {}
         for sparse in (False, True):
             sae.zero_grad(set_to_none=True)
             fwd = archs.forward_batchtopk(sae, xb, encoder_bf16=bf16, sparse=sparse)
             fwd.loss.backward()
             outs[sparse] = [fwd.loss.detach(), *(p.grad.clone() for p in sae.parameters())]
+        decode, calls = archs.topk_decode, []
+        archs.topk_decode = lambda *a, c=calls, f=decode, **kw: c.append(1) or f(*a, **kw)
         with torch.no_grad():
             target = xb * sae.cfg.input_scale
             took = archs._batchtopk_sparse(
-                sae, target, target - sae.b_dec, 512 * 32, bf16, None, False
+                sae, target, target - sae.b_dec, 512 * 32, bf16, None, False, n_cand
             )
+        archs.MAIN_QUANTILE, archs.topk_decode = default_quantile, decode
         names = ["loss", *(n for n, _ in sae.named_parameters())]
         errs = {n: rel_err(a, r) for n, a, r in zip(names, outs[True], outs[False], strict=True)}
-        info = {"sparse_path_taken": took is not None}
-        record(f"batchtopk sparse vs dense bf16_encoder={bf16}", errs, tol, info)
+        info = {"sparse_path_taken": took is not None, "decode_calls": len(calls)}
+        name = f"batchtopk sparse vs dense bf16_encoder={bf16} main_quantile={quantile}"
+        record(name, errs, tol, info)
     del sae
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)
