@@ -103,6 +103,9 @@ def steady_rate(run_dir: Path, warmup: int) -> float:
     return (logs[-1]["tokens"] - first["tokens"]) / (logs[-1]["seconds"] - first["seconds"])
 
 
+BATCHTOPK_PATH: dict = {}  # what BatchTopK's sparse path did in kernel_only (for the JSON)
+
+
 def kernel_only(
     cfg, source, shape: dict, device: torch.device, args, fwd_bwd: bool = True
 ) -> tuple[float, float]:
@@ -129,6 +132,12 @@ def kernel_only(
         lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
     )
     if cfg.arch == "batchtopk":
+        BATCHTOPK_PATH.update(
+            steps=trainer.step,
+            dense_steps=trainer.batchtopk_dense_steps,
+            candidates=trainer.batchtopk_candidates,
+            widths={str(w): n for w, n in sorted(widths.items())},
+        )
         print(
             f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps went dense; "
             f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
@@ -235,6 +244,7 @@ def main() -> None:
         "kernel_only_tokens_per_s": kernel_rate,
         "fwd_bwd_ms": fwd_bwd_s * 1e3,
         "kernel_only_step_ms_by_arch": {a: t * 1e3 for a, t in arch_steps.items()},
+        "batchtopk_sparse_path": BATCHTOPK_PATH,
     }
     if not args.kernel_only:
         result.update(end_to_end(args, shape, device, root, cache_url, config, kernel_rate))
