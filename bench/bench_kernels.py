@@ -17,7 +17,6 @@ Usage (GPU):  PYTHONPATH=$PWD python bench/bench_kernels.py --out $OUT [--parts 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -145,10 +144,7 @@ def check(gen, log) -> list[dict]:
     sae = sae.to(dev)
     xb = torch.randn(512, D, device=dev, generator=gen)
     n_cand = archs.CANDIDATES_PER_K * sae.cfg.k
-    default_quantile = archs.MAIN_QUANTILE
-    # quantile 0.5 splits the decode (half the rows take their extra columns in a second call)
-    for (bf16, tol), quantile in itertools.product(((False, 1e-4), (True, 1e-2)), (0.99, 0.5)):
-        archs.MAIN_QUANTILE = quantile
+    for bf16, tol in ((False, 1e-4), (True, 1e-2)):
         outs = {}
         for sparse in (False, True):
             sae.zero_grad(set_to_none=True)
@@ -162,12 +158,11 @@ def check(gen, log) -> list[dict]:
             took = archs._batchtopk_sparse(
                 sae, target, target - sae.b_dec, 512 * 32, bf16, None, False, n_cand
             )
-        archs.MAIN_QUANTILE, archs.topk_decode = default_quantile, decode
+        archs.topk_decode = decode
         names = ["loss", *(n for n, _ in sae.named_parameters())]
         errs = {n: rel_err(a, r) for n, a, r in zip(names, outs[True], outs[False], strict=True)}
         info = {"sparse_path_taken": took is not None, "decode_calls": len(calls)}
-        name = f"batchtopk sparse vs dense bf16_encoder={bf16} main_quantile={quantile}"
-        record(name, errs, tol, info)
+        record(f"batchtopk sparse vs dense bf16_encoder={bf16}", errs, tol, info)
     del sae
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)

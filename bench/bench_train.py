@@ -117,12 +117,14 @@ def kernel_only(
 
     trainer = Trainer(cfg, source, RankInfo(), device)
     batch = shape["batch"]
-    widths: Counter = Counter()  # batchtopk: the decode widths its sparse path chose
+    widths: Counter = Counter()  # batchtopk: rows decoded at each width by its sparse path
     if cfg.arch == "batchtopk":
         from sae.train import archs
 
-        bucket = archs._width_bucket
-        archs._width_bucket = lambda w, cap: widths.update([b := bucket(w, cap)]) or b
+        decode = archs.topk_decode
+        archs.topk_decode = lambda v, *a, **kw: (
+            widths.update({v.shape[1]: v.shape[0]}) or decode(v, *a, **kw)
+        )
     batches = [
         torch.from_numpy(source.cache.read_rows(i * batch, (i + 1) * batch)).to(device).float()
         for i in range(4)
@@ -132,7 +134,15 @@ def kernel_only(
         lambda: trainer.train_step(batches[next(it) % 4]), device, args.warmup, 5, 10
     )
     if cfg.arch == "batchtopk":
+        per_step = []  # one synced step at a time: a late compile shows as one outlier
+        for _ in range(30):
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.train_step(batches[next(it) % 4])
+            sync(device)
+            per_step.append(round((time.perf_counter() - t0) * 1e3, 2))
         BATCHTOPK_PATH.update(
+            step_ms_one_at_a_time=sorted(per_step),
             steps=trainer.step,
             dense_steps=trainer.batchtopk_dense_steps,
             candidates=trainer.batchtopk_candidates,
@@ -141,9 +151,9 @@ def kernel_only(
         print(
             f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps went dense; "
             f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
-            f"widths (main and heavy-row calls) {dict(sorted(widths.items()))}"
+            f"rows decoded at each width {dict(sorted(widths.items()))}"
         )
-        archs._width_bucket = bucket
+        archs.topk_decode = decode
     sae = trainer.sae
     if not fwd_bwd:
         return step_s, float("nan")

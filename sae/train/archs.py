@@ -7,7 +7,6 @@ hierarchical loss go through `sae.kernels` (Triton on CUDA, PyTorch on CPU).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,9 +99,6 @@ CANDIDATES_PER_K = 4
 # SAE_BATCHTOPK=sparse|dense forces a path (benchmarks, tests); auto (default): sparse where the
 # Triton kernels run.
 BATCHTOPK_ENV = "SAE_BATCHTOPK"
-# The sparse path's decode is as wide as this quantile of the rows' kept counts; the rows above
-# it take their extra columns in a second call.
-MAIN_QUANTILE = 0.99
 
 
 def forward_batchtopk(
@@ -148,14 +144,16 @@ def forward_batchtopk(
     return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
 
 
-def _width_bucket(width: int, cap: int) -> int:
-    """The kept width rounded up to 16, 24, 32, 48, 64, 96, …: the sparse kernels compile once
-    per K, and a new width every step recompiled them every step (395 ms a step on an H200).
-    At most 1.5× the columns, and a handful of compiles per run."""
-    bucket = 16
-    while bucket < width:
-        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
-    return min(bucket, cap)
+def _width_buckets(cap: int) -> list[int]:
+    """Decode widths 16, 24, 32, 48, 64, 96, … up to `cap` (the last is `cap`): each row decodes
+    at the first width that holds its kept activations, so padding costs at most 1.5×, and the
+    sparse kernels (compiled once per width) compile a handful of times per run, not every step
+    (an exact width each step cost 395 ms a step on an H200)."""
+    widths = [16]
+    while widths[-1] < cap:
+        w = widths[-1]
+        widths.append(w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3)
+    return [w for w in widths if w < cap] + [cap]
 
 
 def _batch_cut(acts: torch.Tensor, n_keep: int, info: RankInfo | None) -> torch.Tensor:
@@ -193,47 +191,40 @@ def _batchtopk_sparse(
     last = cand32[:, -1]
     short = ((last > 0) & (last >= cut)).any() if n_cand < cfg.n_latents else last.new_zeros(())
     keep = (cand32 >= cut) & (cand32 > 0)  # rows sorted descending: kept entries are a prefix
-    counts = keep.sum(1).float()
-    # Rows past the MAIN_QUANTILE of kept counts ("heavy") get their extra columns in a second,
-    # narrow call, so one heavy row does not widen every row's decode.
-    main = counts.kthvalue(max(1, math.ceil(MAIN_QUANTILE * counts.numel()))).values
-    heavy = counts > main
+    # Rows are grouped by the width that holds their kept count, one decode per group: rows
+    # keep very different counts (at Gemma-2-2B shape, k = 128, the widest ~1000), and one
+    # decode as wide as the widest row would do several times the work.
+    widths = _width_buckets(n_cand)
+    group = torch.bucketize(keep.sum(1), torch.tensor(widths, device=keep.device))
+    sizes = torch.bincount(group, minlength=len(widths))
     if info is not None:
         short = ddp.any_rank(short.reshape(1), info)[0]  # any rank short: all go dense
-    flags = torch.stack([short.float(), counts.max(), main, heavy.sum().float()])
-    short_any, widest, main_width, n_heavy = (int(v) for v in flags.tolist())  # the one sync
-    if short_any:
+    flags = torch.cat([short.float().reshape(1), sizes.float()]).tolist()  # the one sync
+    if flags[0]:
         return None
-    main_width = _width_bucket(main_width, n_cand)
-    if widest <= main_width:
-        n_heavy = 0
-    parts = [(None, 0, main_width)]  # (rows or None for all, first column, width)
-    if n_heavy:
-        rows = torch.argsort(counts, descending=True)[:n_heavy]
-        parts.append((rows, main_width, _width_bucket(widest - main_width, n_cand - main_width)))
-    full, fired, n_active, kept_values = None, None, 0, []
-    for rows, col, width in parts:
-        sel = slice(col, col + width)
-        c, i, k = cand[:, sel], cand_idx[:, sel], keep[:, sel]
-        x_part = target
-        if rows is not None:
+    groups = [(w, int(n)) for w, n in zip(widths, flags[1:], strict=True) if n]
+    order = None if len(groups) == 1 else torch.argsort(group, stable=True)
+    outs, fired, n_active, kept_values, start = [], None, 0, [], 0
+    for width, n_rows in groups:
+        c, i, k, x_part = cand[:, :width], cand_idx[:, :width], keep[:, :width], target
+        if order is not None:
+            rows = order[start : start + n_rows]
             c, i, k, x_part = c[rows], i[rows], k[rows], target[rows]
+            start += n_rows
         with _encoder_autocast(target, encoder_bf16):
             vals = encode_selected(
                 x_part, sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
             )
         vals = vals * k
-        if rows is None:
-            full = topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic)
-        else:
-            zero = torch.zeros_like(sae.b_dec)
-            extra = topk_decode(vals, i, sae.W_dec, zero, deterministic=deterministic)
-            full = full.index_add(0, rows, extra)  # each heavy row once: deterministic
+        outs.append(topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic))
         kept = vals.detach()
         part_fired = _fired_from_sparse(kept, i, cfg.n_latents)
         fired = part_fired if fired is None else fired | part_fired
         n_active = n_active + (kept > 0).sum()
         kept_values.append(kept.float().reshape(-1))
+    full = outs[0]
+    if order is not None:  # back to the batch's row order (each row once: deterministic)
+        full = torch.cat(outs).index_select(0, torch.argsort(order))
     l0 = n_active.float() / target.shape[0]
     return _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
 
