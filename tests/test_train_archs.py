@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.kernels import topk_decode
+from sae.kernels import topk_decode, triton_ops
 from sae.train import archs
 from sae.train.archs import _JumpReLU, _Step, auxk_loss, forward_batchtopk, forward_topk
 from sae.train.model import SAEConfig, SparseAutoencoder
@@ -138,6 +138,26 @@ def test_batchtopk_row_beyond_its_candidates_takes_the_dense_path():
     assert tried == [16, 32], tried  # 18 kept, all in row 4: 32 candidates hold them
     for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):  # sums in another order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batchtopk_candidates_stop_at_the_kernels_limit(monkeypatch):
+    """The candidates double only up to what the sparse kernels take per row (1024 there; 16
+    here): past it a batch that does not fit goes dense and asks for no more, instead of
+    handing the kernels a K they refuse (a crash on the H200 after two dense batches)."""
+    monkeypatch.setattr(archs, "MAX_CANDIDATES", 16)
+    sae, x = _batchtopk_case(k=2, n_latents=60, seed=11)
+    x = x.clone()
+    x[4] *= 50.0  # 18 kept, all in row 4: more than 16 candidates hold
+    dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
+    fwd = forward_batchtopk(sae, x, sparse=True)
+    assert fwd.candidates == 16
+    again = forward_batchtopk(sae, x, sparse=True, candidates=16)
+    assert again.candidates is None  # at the limit: dense, and no more asked
+    for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):
+        assert torch.equal(a, b)
+    assert forward_batchtopk(sae, x, sparse=True, candidates=64).candidates is None  # clamped
+    monkeypatch.undo()
+    assert archs.MAX_CANDIDATES == triton_ops.MAX_K  # the limit is the kernels' own
 
 
 def test_batchtopk_path_knob_names_its_choices(monkeypatch):

@@ -96,6 +96,9 @@ def forward_topk(
 # candidates for the batch-wide cut; a batch where some row might hold more above the cut takes
 # the dense path, and the candidates double for the batches after it.
 CANDIDATES_PER_K = 4
+# ... and never more than the sparse kernels take per row (their K limit): a batch with a row
+# beyond it goes dense, and the candidates stay at the limit.
+MAX_CANDIDATES = 1024  # sae.kernels.triton_ops.MAX_K
 # SAE_BATCHTOPK=sparse|dense forces a path (benchmarks, tests); auto (default): sparse where the
 # Triton kernels run.
 BATCHTOPK_ENV = "SAE_BATCHTOPK"
@@ -120,8 +123,9 @@ def forward_batchtopk(
     CANDIDATES_PER_K·k and decodes with the sparse kernels, exactly: a row can only lose
     activations above the cut if its last candidate is at or above it, and then the whole batch
     (all ranks) takes the dense path, and its Forward asks for twice the `candidates`
-    (default CANDIDATES_PER_K·k) from then on. The price is one host sync per step; the dense
-    path's (B, F) decode and backward cost several times the sparse step at Gemma-2-2B shape.
+    (default CANDIDATES_PER_K·k; at most MAX_CANDIDATES) from then on. The price is one host
+    sync per step; the dense path's (B, F) decode and backward cost several times the sparse
+    step at Gemma-2-2B shape.
     """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
@@ -132,14 +136,15 @@ def forward_batchtopk(
         path = knobs.choice(BATCHTOPK_ENV, ("auto", "sparse", "dense"))
         sparse = uses_triton(target) if path == "auto" else path == "sparse"
     if sparse:
-        n_cand = min(cfg.n_latents, candidates or CANDIDATES_PER_K * cfg.k)
+        most = min(cfg.n_latents, MAX_CANDIDATES)
+        n_cand = min(most, candidates or CANDIDATES_PER_K * cfg.k)
         fwd = _batchtopk_sparse(
             sae, target, centered, n_keep, encoder_bf16, info, deterministic, n_cand
         )
         if fwd is not None:
             return fwd
         fwd = _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
-        fwd.candidates = min(cfg.n_latents, 2 * n_cand)
+        fwd.candidates = min(most, 2 * n_cand) if n_cand < most else None
         return fwd
     return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
 
