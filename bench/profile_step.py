@@ -5,6 +5,7 @@ fused Adam, at Gemma-2-2B shape on random GPU-resident batches; wall ms per step
 without the profiler first.
 
 Usage (GPU):  PYTHONPATH=$PWD python bench/profile_step.py --arch batchtopk [--batch 4096 --k 128]
+               [--candidates 1024]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--latents", type=int, default=65536)
     ap.add_argument("--d-model", type=int, default=2304)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--candidates", type=int, default=None, help="batchtopk: per-row candidates")
     args = ap.parse_args()
     print(f"commit {source_commit()} {torch.cuda.get_device_name()} {args}")
     cfg = SAEConfig(d_model=args.d_model, n_latents=args.latents, k=args.k, arch=args.arch)
@@ -39,7 +41,9 @@ def main() -> None:
     xs = [torch.randn(args.batch, args.d_model, device="cuda", generator=gen) for _ in range(4)]
 
     def step(i: int) -> None:
-        fwd = archs.forward(sae, xs[i % 4], 1e-3, 1e-3, encoder_bf16=True)
+        fwd = archs.forward(
+            sae, xs[i % 4], 1e-3, 1e-3, encoder_bf16=True, batchtopk_candidates=args.candidates
+        )
         fwd.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
