@@ -154,6 +154,17 @@ def kernel_only(
             f"rows decoded at each width {dict(sorted(widths.items()))}"
         )
         archs.topk_decode = decode
+    if args.profile_dir and cfg.arch in args.archs.split(","):
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(5):
+                trainer.train_step(batches[next(it) % 4])
+            sync(device)
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=25, max_name_column_width=60
+        )
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile_dir) / f"{cfg.arch}.txt").write_text(table)
     sae = trainer.sae
     if not fwd_bwd:
         return step_s, float("nan")
@@ -182,6 +193,9 @@ def main() -> None:
         "--archs",
         default="",
         help="also time the kernel-only step of these architectures (comma-separated)",
+    )
+    parser.add_argument(
+        "--profile-dir", default=None, help="torch.profiler tables of 5 steps of each --archs"
     )
     parser.add_argument(
         "--kernel-only", action="store_true", help="skip the end-to-end and diagnosis runs"
