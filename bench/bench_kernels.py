@@ -17,6 +17,7 @@ Usage (GPU):  PYTHONPATH=$PWD python bench/bench_kernels.py --out $OUT [--parts 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -142,9 +143,13 @@ def check(gen, log) -> list[dict]:
     sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=F, k=32, arch="batchtopk"))
     sae.init_weights(torch.Generator().manual_seed(0))
     sae = sae.to(dev)
-    xb = torch.randn(512, D, device=dev, generator=gen)
+    plain = torch.randn(512, D, device=dev, generator=gen)
+    heavy = plain.clone()
+    heavy[::100] *= 20.0  # 6 rows hold more than their candidates: decoded densely
     n_cand = archs.CANDIDATES_PER_K * sae.cfg.k
-    for bf16, tol in ((False, 1e-4), (True, 1e-2)):
+    for (bf16, tol), (rows, xb) in itertools.product(
+        ((False, 1e-4), (True, 1e-2)), (("plain", plain), ("heavy", heavy))
+    ):
         outs = {}
         for sparse in (False, True):
             sae.zero_grad(set_to_none=True)
@@ -155,14 +160,14 @@ def check(gen, log) -> list[dict]:
         archs.topk_decode = lambda *a, c=calls, f=decode, **kw: c.append(1) or f(*a, **kw)
         with torch.no_grad():
             target = xb * sae.cfg.input_scale
-            took = archs._batchtopk_sparse(
+            took, _ = archs._batchtopk_sparse(
                 sae, target, target - sae.b_dec, 512 * 32, bf16, None, False, n_cand
             )
         archs.topk_decode = decode
         names = ["loss", *(n for n, _ in sae.named_parameters())]
         errs = {n: rel_err(a, r) for n, a, r in zip(names, outs[True], outs[False], strict=True)}
-        info = {"sparse_path_taken": took is not None, "decode_calls": len(calls)}
-        record(f"batchtopk sparse vs dense bf16_encoder={bf16}", errs, tol, info)
+        info = {"dense_rows": took.dense_rows, "decode_calls": len(calls)}
+        record(f"batchtopk sparse vs dense bf16_encoder={bf16} rows={rows}", errs, tol, info)
     del sae
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)

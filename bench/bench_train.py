@@ -149,7 +149,7 @@ def kernel_only(
             widths={str(w): n for w, n in sorted(widths.items())},
         )
         print(
-            f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps went dense; "
+            f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps decoded rows densely; "
             f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
             f"rows decoded at each width {dict(sorted(widths.items()))}"
         )

@@ -116,45 +116,60 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_batchtopk_row_beyond_its_candidates_takes_the_dense_path():
-    """One row with a huge norm holds more than 4k of the batch's n·k activations: the sparse
-    path declines (its candidates could miss some) and the result is the dense one."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeypatch):
+    """One row with a huge norm holds all 18 of the batch's n·k activations, more than its 8
+    candidates: that row alone is encoded and decoded densely, the cut is taken again with its
+    full row (the candidates' cut would keep 10 activations of other rows), the other rows stay
+    on the sparse kernels, and the result is the dense path's."""
+    monkeypatch.setenv("SAE_KERNELS", backend)
+    decodes = []
+
+    def counting_decode(vals, *args, **kwargs):
+        decodes.append(tuple(vals.shape))
+        return topk_decode(vals, *args, **kwargs)
+
+    monkeypatch.setattr(archs, "topk_decode", counting_decode)
     sae, x = _batchtopk_case(k=2, n_latents=60, seed=11)
     x = x.clone()
     x[4] *= 50.0
-    target = x * 1.5
-    centered = target - sae.b_dec
-    assert archs._batchtopk_sparse(sae, target, centered, 9 * 2, False, None, False, 8) is None
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     fwd = forward_batchtopk(sae, x, sparse=True)
-    for a, b in zip(_loss_and_grads(sae, fwd), dense, strict=True):
-        assert torch.equal(a, b)
+    assert fwd.dense_rows == 1
+    assert sum(rows for rows, _ in decodes) == 8  # every other row on the sparse kernels
+    assert fwd.l0.item() == pytest.approx(18 / 9)  # all 18 in row 4
+    for name, a, b in zip(
+        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
+        _loss_and_grads(sae, fwd),
+        dense,
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert fwd.candidates == 16  # twice the 4k tried: the next batches take more
-    # the candidates keep doubling while the batch does not fit; then it is sparse again and
-    # gives the same result
+    # the candidates keep doubling while a row is short; then no row goes dense
     tried = [fwd.candidates]
     while (again := forward_batchtopk(sae, x, sparse=True, candidates=tried[-1])).candidates:
         tried.append(again.candidates)
     assert tried == [16, 32], tried  # 18 kept, all in row 4: 32 candidates hold them
+    assert again.dense_rows == 0
     for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):  # sums in another order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_batchtopk_candidates_stop_at_the_kernels_limit(monkeypatch):
     """The candidates double only up to what the sparse kernels take per row (1024 there; 16
-    here): past it a batch that does not fit goes dense and asks for no more, instead of
-    handing the kernels a K they refuse (a crash on the H200 after two dense batches)."""
+    here), instead of handing the kernels a K they refuse (on the H200 a run reached 2048 and
+    failed); past it a short row is decoded densely every time."""
     monkeypatch.setattr(archs, "MAX_CANDIDATES", 16)
     sae, x = _batchtopk_case(k=2, n_latents=60, seed=11)
     x = x.clone()
     x[4] *= 50.0  # 18 kept, all in row 4: more than 16 candidates hold
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
-    fwd = forward_batchtopk(sae, x, sparse=True)
-    assert fwd.candidates == 16
+    assert forward_batchtopk(sae, x, sparse=True).candidates == 16
     again = forward_batchtopk(sae, x, sparse=True, candidates=16)
-    assert again.candidates is None  # at the limit: dense, and no more asked
+    assert (again.candidates, again.dense_rows) == (None, 1)  # at the limit: asks no more
     for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert forward_batchtopk(sae, x, sparse=True, candidates=64).candidates is None  # clamped
     monkeypatch.undo()
     assert archs.MAX_CANDIDATES == triton_ops.MAX_K  # the limit is the kernels' own

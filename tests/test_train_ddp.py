@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from planted import planted_activations, planted_dictionary
 
+from sae.train.checkpoint import checkpoint_path
 from sae.train.config import TrainConfig
 from sae.train.data import TensorSource
 from sae.train.model import load_sae
@@ -73,8 +74,8 @@ def _free_port() -> int:
 )
 def test_two_ranks_equal_one_process(tmp_path, arch, ranks_batchtopk, monkeypatch):
     """ranks_batchtopk="sparse": the ranks take BatchTopK's sparse path (global cut over
-    per-row candidates, a dense fallback all ranks agree on) while the single process keeps
-    the dense one, so the two paths are compared too."""
+    per-row candidates, short rows decoded densely and the cut taken again on all ranks) while
+    the single process keeps the dense one, so the two paths are compared too."""
     single = tmp_path / "single"
     train(_config(single, arch), _source())
     double = tmp_path / "double"
@@ -85,3 +86,7 @@ def test_two_ranks_equal_one_process(tmp_path, arch, ranks_batchtopk, monkeypatc
     for name, tensor in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
     assert a.cfg.input_scale == b.cfg.input_scale
+    if ranks_batchtopk == "sparse":  # some row was short of candidates on some rank: the
+        # ranks took the cut again together, with that rank's dense rows, and asked for more
+        saved = torch.load(checkpoint_path(double), weights_only=True)
+        assert saved["batchtopk_candidates"] == 32

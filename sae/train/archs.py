@@ -39,6 +39,7 @@ class Forward:
     # batchtopk's sparse path: per-row candidates to take from now on (more after a batch had
     # to go dense; the trainer keeps it), None when unchanged
     candidates: int | None = None
+    dense_rows: int = 0  # batchtopk's sparse path: rows of this rank it decoded densely
 
 
 def _fired_from_sparse(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -93,11 +94,10 @@ def forward_topk(
 
 
 # BatchTopK's sparse path starts from each row's CANDIDATES_PER_K·k largest activations as
-# candidates for the batch-wide cut; a batch where some row might hold more above the cut takes
-# the dense path, and the candidates double for the batches after it.
+# candidates for the batch-wide cut; rows that might hold more above the cut are encoded and
+# decoded densely, and the candidates double for the batches after.
 CANDIDATES_PER_K = 4
-# ... and never more than the sparse kernels take per row (their K limit): a batch with a row
-# beyond it goes dense, and the candidates stay at the limit.
+# ... and never more than the sparse kernels take per row (their K limit).
 MAX_CANDIDATES = 1024  # sae.kernels.triton_ops.MAX_K
 # SAE_BATCHTOPK=sparse|dense forces a path (benchmarks, tests); auto (default): sparse where the
 # Triton kernels run.
@@ -119,13 +119,14 @@ def forward_batchtopk(
     Under torchrun "the whole batch" is the global one: the cut is the n·k-th largest value over
     all ranks, so 2 ranks train like 1 process on both halves.
 
-    `sparse` (default: SAE_BATCHTOPK, else where the Triton kernels run) selects from each row's top
-    CANDIDATES_PER_K·k and decodes with the sparse kernels, exactly: a row can only lose
-    activations above the cut if its last candidate is at or above it, and then the whole batch
-    (all ranks) takes the dense path, and its Forward asks for twice the `candidates`
-    (default CANDIDATES_PER_K·k; at most MAX_CANDIDATES) from then on. The price is one host
-    sync per step; the dense path's (B, F) decode and backward cost several times the sparse
-    step at Gemma-2-2B shape.
+    `sparse` (default: SAE_BATCHTOPK, else where the Triton kernels run) selects from each row's
+    top CANDIDATES_PER_K·k (or `candidates`) and decodes with the sparse kernels, exactly: a row
+    can only hold kept activations beyond its candidates if its last candidate is at or above
+    the cut, and such rows are encoded and decoded densely (the cut is taken again with their
+    full rows). After such a batch the Forward asks for twice the candidates (at most
+    MAX_CANDIDATES) from then on. The price is one host sync per step (two when rows went
+    dense); the all-dense path's (B, F) decode and backward cost several times the sparse step
+    at Gemma-2-2B shape.
     """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
@@ -135,18 +136,16 @@ def forward_batchtopk(
     if sparse is None:
         path = knobs.choice(BATCHTOPK_ENV, ("auto", "sparse", "dense"))
         sparse = uses_triton(target) if path == "auto" else path == "sparse"
-    if sparse:
-        most = min(cfg.n_latents, MAX_CANDIDATES)
-        n_cand = min(most, candidates or CANDIDATES_PER_K * cfg.k)
-        fwd = _batchtopk_sparse(
-            sae, target, centered, n_keep, encoder_bf16, info, deterministic, n_cand
-        )
-        if fwd is not None:
-            return fwd
-        fwd = _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
-        fwd.candidates = min(most, 2 * n_cand) if n_cand < most else None
-        return fwd
-    return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
+    if not sparse:
+        return _batchtopk_dense(sae, target, centered, n_keep, encoder_bf16, info)
+    most = min(cfg.n_latents, MAX_CANDIDATES)
+    n_cand = min(most, candidates or CANDIDATES_PER_K * cfg.k)
+    fwd, any_short = _batchtopk_sparse(
+        sae, target, centered, n_keep, encoder_bf16, info, deterministic, n_cand
+    )
+    if any_short and n_cand < most:
+        fwd.candidates = min(most, 2 * n_cand)
+    return fwd
 
 
 def _width_buckets(cap: int) -> list[int]:
@@ -175,6 +174,17 @@ def _min_kept(kept: torch.Tensor, info: RankInfo | None) -> torch.Tensor:
     return min_kept
 
 
+def _batchtopk_groups(
+    cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor, widths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which candidates are kept, each row's group (the index of the first width holding its
+    kept count; len(widths) for the short rows, decoded densely) and the groups' sizes."""
+    keep = (cand >= cut) & (cand > 0) & ~short[:, None]  # rows sorted: kept entries are a prefix
+    group = torch.bucketize(keep.sum(1), widths)
+    group = group.masked_fill(short, widths.numel())
+    return keep, group, torch.bincount(group, minlength=widths.numel() + 1)
+
+
 def _batchtopk_sparse(
     sae: SparseAutoencoder,
     target: torch.Tensor,
@@ -184,46 +194,65 @@ def _batchtopk_sparse(
     info: RankInfo | None,
     deterministic: bool,
     n_cand: int,
-) -> Forward | None:
-    """BatchTopK from each row's n_cand largest activations with the sparse kernels; None
-    where the dense path must decide (some row, on some rank, may hold activations above the
-    cut beyond its candidates)."""
+) -> tuple[Forward, bool]:
+    """BatchTopK from each row's n_cand largest activations with the sparse kernels, and
+    whether some row (on some rank) was short of candidates and went dense."""
     cfg = sae.cfg
     with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
         cand, cand_idx = topk_encode(target, sae.W_enc, sae.b_enc, n_cand, b_pre=sae.b_dec)
     cand32 = cand.float()
     cut = _batch_cut(cand32, n_keep, info)
     last = cand32[:, -1]
-    short = ((last > 0) & (last >= cut)).any() if n_cand < cfg.n_latents else last.new_zeros(())
-    keep = (cand32 >= cut) & (cand32 > 0)  # rows sorted descending: kept entries are a prefix
+    # a short row may hold kept activations beyond its candidates (none when n_cand = F)
+    short = (last > 0) & (last >= cut) if n_cand < cfg.n_latents else torch.zeros_like(last) > 0
+    any_short = short.any().reshape(1)
+    if info is not None:
+        any_short = ddp.any_rank(any_short, info)  # any rank short: all take the cut again
     # Rows are grouped by the width that holds their kept count, one decode per group: rows
     # keep very different counts (at Gemma-2-2B shape, k = 128, the widest ~1000), and one
     # decode as wide as the widest row would do several times the work.
-    widths = _width_buckets(n_cand)
-    group = torch.bucketize(keep.sum(1), torch.tensor(widths, device=keep.device))
-    sizes = torch.bincount(group, minlength=len(widths))
-    if info is not None:
-        short = ddp.any_rank(short.reshape(1), info)[0]  # any rank short: all go dense
-    flags = torch.cat([short.float().reshape(1), sizes.float()]).tolist()  # the one sync
+    widths_list = _width_buckets(n_cand)
+    widths = torch.tensor(widths_list, device=cand.device)
+    keep, group, sizes = _batchtopk_groups(cand32, cut, short, widths)
+    flags = torch.cat([any_short.float(), sizes.float()]).tolist()  # the one sync, usually
+    dense_acts = None
     if flags[0]:
-        return None
-    groups = [(w, int(n)) for w, n in zip(widths, flags[1:], strict=True) if n]
+        # Short rows in full (with gradients: they are decoded densely), and the cut again over
+        # them and the other rows' candidates: exact, as every other row's last candidate stays
+        # below the new cut (more values can only raise the n_keep-th largest).
+        with _encoder_autocast(target, encoder_bf16):
+            pre = centered[short] @ sae.W_enc.T + sae.b_enc
+        dense_acts = pre.float().relu()
+        pool = torch.cat(
+            [cand32.masked_fill(short[:, None], 0).reshape(-1), dense_acts.reshape(-1)]
+        )
+        cut = _batch_cut(pool.detach(), n_keep, info)
+        keep, group, sizes = _batchtopk_groups(cand32, cut, short, widths)
+        flags = [1.0, *sizes.tolist()]
+    groups = [(g, int(n)) for g, n in enumerate(flags[1:]) if n]
     order = None if len(groups) == 1 else torch.argsort(group, stable=True)
     outs, fired, n_active, kept_values, start = [], None, 0, [], 0
-    for width, n_rows in groups:
-        c, i, k, x_part = cand[:, :width], cand_idx[:, :width], keep[:, :width], target
-        if order is not None:
-            rows = order[start : start + n_rows]
-            c, i, k, x_part = c[rows], i[rows], k[rows], target[rows]
-            start += n_rows
-        with _encoder_autocast(target, encoder_bf16):
-            vals = encode_selected(
-                x_part, sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
-            )
-        vals = vals * k
-        outs.append(topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic))
-        kept = vals.detach()
-        part_fired = _fired_from_sparse(kept, i, cfg.n_latents)
+    for g, n_rows in groups:
+        rows = None if order is None else order[start : start + n_rows]
+        start += n_rows
+        if g == len(widths_list):  # the short rows, in batch order (as centered[short] took them)
+            kept_dense = dense_acts * ((dense_acts >= cut) & (dense_acts > 0))
+            outs.append(sae.decode_dense(kept_dense))
+            kept = kept_dense.detach()
+            i = None
+        else:
+            width = widths_list[g]
+            c, i, k, x_part = cand[:, :width], cand_idx[:, :width], keep[:, :width], target
+            if rows is not None:
+                c, i, k, x_part = c[rows], i[rows], k[rows], target[rows]
+            with _encoder_autocast(target, encoder_bf16):
+                vals = encode_selected(
+                    x_part, sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
+                )
+            vals = vals * k
+            outs.append(topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic))
+            kept = vals.detach()
+        part_fired = (kept > 0).any(0) if i is None else _fired_from_sparse(kept, i, cfg.n_latents)
         fired = part_fired if fired is None else fired | part_fired
         n_active = n_active + (kept > 0).sum()
         kept_values.append(kept.float().reshape(-1))
@@ -231,7 +260,9 @@ def _batchtopk_sparse(
     if order is not None:  # back to the batch's row order (each row once: deterministic)
         full = torch.cat(outs).index_select(0, torch.argsort(order))
     l0 = n_active.float() / target.shape[0]
-    return _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
+    fwd = _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
+    fwd.dense_rows = int(flags[-1])
+    return fwd, bool(flags[0])
 
 
 def _batchtopk_forward(full, target, centered, fired, l0, kept_values, info) -> Forward:

@@ -105,12 +105,16 @@ def global_threshold(local: torch.Tensor, n_keep: int, info: RankInfo) -> torch.
 
     Only a rank's own n_keep largest values can be among the global n_keep largest, so each rank
     contributes those; the all-gather moves world_size · n_keep values, never whole batches.
-    Every rank's `local` has the same shape (the trainer gives each rank batch // world rows).
+    Ranks may hold different numbers of values (BatchTopK's sparse path adds the rows it took
+    densely); those with fewer than n_keep pad with −inf, so when the ranks hold fewer than
+    n_keep values in all the cut is −inf: everything is kept.
     """
     flat = local.reshape(-1)
     mine = flat.topk(min(n_keep, flat.numel()), sorted=False).values.float()
     if info.world_size == 1:
         return mine.min()
+    if mine.numel() < n_keep:  # all_gather needs one size on every rank: pad with −inf
+        mine = torch.cat([mine, mine.new_full((n_keep - mine.numel(),), float("-inf"))])
     everyone = [torch.empty_like(mine) for _ in range(info.world_size)]
     dist.all_gather(everyone, mine)
     pool = torch.cat(everyone)

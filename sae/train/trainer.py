@@ -87,7 +87,7 @@ class Trainer:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.aux_active = False
         self.batchtopk_candidates: int | None = None  # BatchTopK's per-row candidates (adaptive)
-        self.batchtopk_dense_steps = 0  # steps where BatchTopK's sparse path had to go dense
+        self.batchtopk_dense_steps = 0  # steps where BatchTopK's sparse path decoded rows densely
         self.last_good_step: int | None = None
         self.cursor: dict | None = None
         if cfg.resume:
@@ -233,9 +233,9 @@ class Trainer:
             info=self.info,
             batchtopk_candidates=self.batchtopk_candidates,
         )
-        if fwd.candidates is not None:  # a batch went dense: more candidates from now on
+        if fwd.candidates is not None:  # rows went dense: more candidates from now on
             self.batchtopk_candidates = fwd.candidates
-            self.batchtopk_dense_steps += 1
+        self.batchtopk_dense_steps += fwd.dense_rows > 0
         total = fwd.loss
         if self.aux_active and cfg.arch in TOPK_FAMILY and cfg.aux_coef > 0:
             dead = self.since_fired >= cfg.dead_tokens
