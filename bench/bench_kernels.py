@@ -147,7 +147,7 @@ def check(gen, log) -> list[dict]:
     heavy = plain.clone()
     heavy[::100] *= 20.0  # 6 rows hold more than their candidates: decoded densely
     n_cand = archs.CANDIDATES_PER_K * sae.cfg.k
-    for (bf16, tol), (rows, xb) in itertools.product(
+    for (bf16, tol), (kind, xb) in itertools.product(
         ((False, 1e-4), (True, 1e-2)), (("plain", plain), ("heavy", heavy))
     ):
         outs = {}
@@ -167,7 +167,7 @@ def check(gen, log) -> list[dict]:
         names = ["loss", *(n for n, _ in sae.named_parameters())]
         errs = {n: rel_err(a, r) for n, a, r in zip(names, outs[True], outs[False], strict=True)}
         info = {"dense_rows": took.dense_rows, "decode_calls": len(calls)}
-        record(f"batchtopk sparse vs dense bf16_encoder={bf16} rows={rows}", errs, tol, info)
+        record(f"batchtopk sparse vs dense bf16_encoder={bf16} rows={kind}", errs, tol, info)
     del sae
     # determinism: bitwise repeat at full size
     vals, idx = random_sparse(2048, 128, F, dev, gen)

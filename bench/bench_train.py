@@ -151,7 +151,7 @@ def kernel_only(
         print(
             f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps decoded rows densely; "
             f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
-            f"rows decoded at each width {dict(sorted(widths.items()))}"
+            f"kernel rows decoded at each width {dict(sorted(widths.items()))}"
         )
         archs.topk_decode = decode
     if args.profile_dir and cfg.arch in args.archs.split(","):

@@ -84,9 +84,10 @@ def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
     """Candidates (4k per row) + the sparse kernels give the dense path's loss, metrics and
-    gradients (9 rows, k = 10 over 200 latents). Rows are decoded in groups, each at the first
-    width that holds its kept count, and put back in the batch's order."""
+    gradients (9 rows, k = 10 over 200 latents). Each row's kept activations are cut into
+    pieces of 8 (PACK_WIDTH here), one kernel row each, and summed back per row."""
     monkeypatch.setenv("SAE_KERNELS", backend)  # triton: the kernels under TRITON_INTERPRET
+    monkeypatch.setattr(archs, "PACK_WIDTH", 8)
     decodes = []
 
     def counting_decode(vals, *args, **kwargs):
@@ -97,12 +98,11 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
     sae, x = _batchtopk_case(k=10, n_latents=200, seed=7)
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     sparse = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
-    # each row decoded once, at the first width (16, 24, 32, 40 = 4k) holding its kept count
+    # one decode, one kernel row per piece of 8 of each row's kept count
     acts = sae.pre_acts(x).relu()
     counts = (acts >= acts.flatten().topk(9 * 10).values[-1]).sum(1)
-    widths = [next(w for w in (16, 24, 32, 40) if w >= int(c)) for c in counts]
-    assert sorted(decodes) == sorted((widths.count(w), w) for w in set(widths)), decodes
-    assert len(decodes) >= 2  # the case really splits the batch
+    assert decodes == [(int((counts + 7).div(8, rounding_mode="floor").sum()), 8)], decodes
+    assert counts.max() > 16  # some row really is cut into three pieces or more
     assert forward_batchtopk(sae, x, sparse=True).candidates is None  # nothing to change
     for name, a, b in zip(
         ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
@@ -120,8 +120,8 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
 def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeypatch):
     """One row with a huge norm holds all 18 of the batch's n·k activations, more than its 8
     candidates: that row alone is encoded and decoded densely, the cut is taken again with its
-    full row (the candidates' cut would keep 10 activations of other rows), the other rows stay
-    on the sparse kernels, and the result is the dense path's."""
+    full row (the candidates' cut would keep 10 activations of other rows, and decode them),
+    and the result is the dense path's."""
     monkeypatch.setenv("SAE_KERNELS", backend)
     decodes = []
 
@@ -136,7 +136,7 @@ def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeyp
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     fwd = forward_batchtopk(sae, x, sparse=True)
     assert fwd.dense_rows == 1
-    assert sum(rows for rows, _ in decodes) == 8  # every other row on the sparse kernels
+    assert decodes == []  # the others keep nothing: no sparse decode at all
     assert fwd.l0.item() == pytest.approx(18 / 9)  # all 18 in row 4
     for name, a, b in zip(
         ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
@@ -154,6 +154,29 @@ def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeyp
     assert again.dense_rows == 0
     for a, b in zip(_loss_and_grads(sae, again), dense, strict=True):  # sums in another order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batchtopk_short_row_dense_with_the_others_in_pieces(backend, monkeypatch):
+    """A row with 3× the norm is short of its 40 candidates and goes dense while the 8 others
+    keep theirs on the sparse kernels, in pieces of 8: both halves summed give the dense path."""
+    monkeypatch.setenv("SAE_KERNELS", backend)
+    monkeypatch.setattr(archs, "PACK_WIDTH", 8)
+    sae, x = _batchtopk_case(k=10, n_latents=200, seed=7)
+    x = x.clone()
+    x[2] *= 3.0
+    dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
+    fwd = forward_batchtopk(sae, x, sparse=True)
+    assert fwd.dense_rows == 1 and fwd.candidates == 80
+    kept_rows = (fwd.recon() != sae.b_dec).any(1)
+    assert kept_rows.sum() > 2  # rows besides the dense one keep activations
+    for name, a, b in zip(
+        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
+        _loss_and_grads(sae, fwd),
+        dense,
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_batchtopk_candidates_stop_at_the_kernels_limit(monkeypatch):

@@ -99,6 +99,10 @@ def forward_topk(
 CANDIDATES_PER_K = 4
 # ... and never more than the sparse kernels take per row (their K limit).
 MAX_CANDIDATES = 1024  # sae.kernels.triton_ops.MAX_K
+# Rows keep different numbers of activations; the sparse kernels take a fixed K per row. Each
+# row's kept prefix is cut into pieces of PACK_WIDTH, one kernel row per piece, and the pieces'
+# decodes are summed back per row: one encode and one decode call for the whole batch.
+PACK_WIDTH = 64
 # SAE_BATCHTOPK=sparse|dense forces a path (benchmarks, tests); auto (default): sparse where the
 # Triton kernels run.
 BATCHTOPK_ENV = "SAE_BATCHTOPK"
@@ -148,18 +152,6 @@ def forward_batchtopk(
     return fwd
 
 
-def _width_buckets(cap: int) -> list[int]:
-    """Decode widths 16, 24, 32, 48, 64, 96, … up to `cap` (the last is `cap`): each row decodes
-    at the first width that holds its kept activations, so padding costs at most 1.5×, and the
-    sparse kernels (compiled once per width) compile a handful of times per run, not every step
-    (an exact width each step cost 395 ms a step on an H200)."""
-    widths = [16]
-    while widths[-1] < cap:
-        w = widths[-1]
-        widths.append(w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3)
-    return [w for w in widths if w < cap] + [cap]
-
-
 def _batch_cut(acts: torch.Tensor, n_keep: int, info: RankInfo | None) -> torch.Tensor:
     """The n_keep-th largest of acts over the batch (over all ranks under torchrun)."""
     return ddp.global_threshold(acts, n_keep, info or RankInfo())
@@ -174,15 +166,66 @@ def _min_kept(kept: torch.Tensor, info: RankInfo | None) -> torch.Tensor:
     return min_kept
 
 
-def _batchtopk_groups(
-    cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor, widths: torch.Tensor
+def _batchtopk_kept(
+    cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which candidates are kept, each row's group (the index of the first width holding its
-    kept count; len(widths) for the short rows, decoded densely) and the groups' sizes."""
+    """Each row's kept count (0 for short rows: they go dense), its number of pieces of `width`
+    and how many rows have each number of pieces (0 … n_cand / width)."""
     keep = (cand >= cut) & (cand > 0) & ~short[:, None]  # rows sorted: kept entries are a prefix
-    group = torch.bucketize(keep.sum(1), widths)
-    group = group.masked_fill(short, widths.numel())
-    return keep, group, torch.bincount(group, minlength=widths.numel() + 1)
+    counts = keep.sum(1)
+    pieces = (counts + width - 1) // width
+    return counts, pieces, torch.bincount(pieces, minlength=-(-cand.shape[1] // width) + 1)
+
+
+def _batchtopk_pieces(
+    sae: SparseAutoencoder,
+    target: torch.Tensor,
+    cand: torch.Tensor,
+    cand_idx: torch.Tensor,
+    counts: torch.Tensor,
+    pieces: torch.Tensor,
+    hist: list[int],
+    width: int,
+    encoder_bf16: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Decode every row's kept candidates (a prefix of `counts[r]`), cut into pieces of `width`:
+    one encode and one decode call for the batch. Returns the rows' decodes without b_dec, the
+    latents that fired, the number of kept activations and the kept values."""
+    n_rows, device = target.shape[0], cand.device
+    n_pieces = sum(p * n for p, n in enumerate(hist))
+    # piece q of row r: its kernel row is first[r] + q, its columns q·width … q·width + width − 1
+    row_of = torch.repeat_interleave(
+        torch.arange(n_rows, device=device), pieces, output_size=n_pieces
+    )
+    first = torch.cumsum(pieces, 0) - pieces
+    piece_no = torch.arange(n_pieces, device=device) - first[row_of]
+    cols = piece_no[:, None] * width + torch.arange(width, device=device)
+    kept_mask = cols < counts[row_of, None]
+    cols = cols.clamp(max=cand.shape[1] - 1)
+    c, i = cand[row_of[:, None], cols], cand_idx[row_of[:, None], cols]
+    with _encoder_autocast(target, encoder_bf16):
+        vals = encode_selected(
+            target[row_of], sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
+        )
+    vals = vals * kept_mask
+    zero = torch.zeros_like(sae.b_dec)
+    parts = topk_decode(vals, i, sae.W_dec, zero, deterministic=deterministic)
+    # Sum the pieces back per row: one index_add per piece number, so no row is added to twice
+    # in one call (deterministic)
+    full = target.new_zeros(target.shape)
+    by_piece = torch.argsort(piece_no, stable=True)
+    start = 0
+    for q in range(len(hist) - 1):
+        n_q = sum(hist[q + 1 :])  # rows with more than q pieces
+        if not n_q:
+            break
+        sel = by_piece[start : start + n_q]
+        full = full.index_add(0, row_of[sel], parts[sel])
+        start += n_q
+    kept = vals.detach()
+    fired = _fired_from_sparse(kept, i, sae.cfg.n_latents)
+    return full, fired, (kept > 0).sum(), [kept.float().reshape(-1)]
 
 
 def _batchtopk_sparse(
@@ -198,6 +241,7 @@ def _batchtopk_sparse(
     """BatchTopK from each row's n_cand largest activations with the sparse kernels, and
     whether some row (on some rank) was short of candidates and went dense."""
     cfg = sae.cfg
+    n_rows = target.shape[0]
     with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
         cand, cand_idx = topk_encode(target, sae.W_enc, sae.b_enc, n_cand, b_pre=sae.b_dec)
     cand32 = cand.float()
@@ -208,13 +252,9 @@ def _batchtopk_sparse(
     any_short = short.any().reshape(1)
     if info is not None:
         any_short = ddp.any_rank(any_short, info)  # any rank short: all take the cut again
-    # Rows are grouped by the width that holds their kept count, one decode per group: rows
-    # keep very different counts (at Gemma-2-2B shape, k = 128, the widest ~1000), and one
-    # decode as wide as the widest row would do several times the work.
-    widths_list = _width_buckets(n_cand)
-    widths = torch.tensor(widths_list, device=cand.device)
-    keep, group, sizes = _batchtopk_groups(cand32, cut, short, widths)
-    flags = torch.cat([any_short.float(), sizes.float()]).tolist()  # the one sync, usually
+    width = min(PACK_WIDTH, n_cand)
+    counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
+    flags = torch.cat([any_short.float(), hist.float()]).tolist()  # the one sync, usually
     dense_acts = None
     if flags[0]:
         # Short rows in full (with gradients: they are decoded densely), and the cut again over
@@ -227,41 +267,29 @@ def _batchtopk_sparse(
             [cand32.masked_fill(short[:, None], 0).reshape(-1), dense_acts.reshape(-1)]
         )
         cut = _batch_cut(pool.detach(), n_keep, info)
-        keep, group, sizes = _batchtopk_groups(cand32, cut, short, widths)
-        flags = [1.0, *sizes.tolist()]
-    groups = [(g, int(n)) for g, n in enumerate(flags[1:]) if n]
-    order = None if len(groups) == 1 else torch.argsort(group, stable=True)
-    outs, fired, n_active, kept_values, start = [], None, 0, [], 0
-    for g, n_rows in groups:
-        rows = None if order is None else order[start : start + n_rows]
-        start += n_rows
-        if g == len(widths_list):  # the short rows, in batch order (as centered[short] took them)
-            kept_dense = dense_acts * ((dense_acts >= cut) & (dense_acts > 0))
-            outs.append(sae.decode_dense(kept_dense))
-            kept = kept_dense.detach()
-            i = None
-        else:
-            width = widths_list[g]
-            c, i, k, x_part = cand[:, :width], cand_idx[:, :width], keep[:, :width], target
-            if rows is not None:
-                c, i, k, x_part = c[rows], i[rows], k[rows], target[rows]
-            with _encoder_autocast(target, encoder_bf16):
-                vals = encode_selected(
-                    x_part, sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
-                )
-            vals = vals * k
-            outs.append(topk_decode(vals, i, sae.W_dec, sae.b_dec, deterministic=deterministic))
-            kept = vals.detach()
-        part_fired = (kept > 0).any(0) if i is None else _fired_from_sparse(kept, i, cfg.n_latents)
-        fired = part_fired if fired is None else fired | part_fired
+        counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
+        flags = [1.0, *hist.tolist()]
+    hist = [int(n) for n in flags[1:]]  # rows with 0, 1, 2, … pieces
+    full = target.new_zeros(target.shape)
+    fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=cand.device)
+    n_active, kept_values = torch.zeros((), device=cand.device), []
+    if any(hist[1:]):
+        full, fired, n_active, kept_values = _batchtopk_pieces(
+            sae, target, cand, cand_idx, counts, pieces, hist, width, encoder_bf16, deterministic
+        )
+    if dense_acts is not None:  # the short rows, in batch order (as centered[short] took them)
+        kept_dense = dense_acts * ((dense_acts >= cut) & (dense_acts > 0))
+        rows = short.nonzero().squeeze(1)
+        full = full.index_add(0, rows, kept_dense.to(sae.W_dec.dtype) @ sae.W_dec)
+        kept = kept_dense.detach()
+        fired = fired | (kept > 0).any(0)
         n_active = n_active + (kept > 0).sum()
-        kept_values.append(kept.float().reshape(-1))
-    full = outs[0]
-    if order is not None:  # back to the batch's row order (each row once: deterministic)
-        full = torch.cat(outs).index_select(0, torch.argsort(order))
-    l0 = n_active.float() / target.shape[0]
+        kept_values.append(kept.reshape(-1))
+    kept_values.append(cand32.new_zeros(1))  # never empty (a kept value is > 0)
+    full = full + sae.b_dec
+    l0 = n_active.float() / n_rows
     fwd = _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
-    fwd.dense_rows = int(flags[-1])
+    fwd.dense_rows = 0 if dense_acts is None else dense_acts.shape[0]
     return fwd, bool(flags[0])
 
 
