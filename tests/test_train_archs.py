@@ -74,6 +74,13 @@ def _batchtopk_case(k: int, n_latents: int, seed: int):
     return sae, x
 
 
+def _assert_same_forward(got: list[torch.Tensor], want: list[torch.Tensor], atol: float) -> None:
+    """_loss_and_grads of two BatchTopK paths agree, named where they do not."""
+    names = ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec")
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=name)
+
+
 def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
     sae.zero_grad(set_to_none=True)
     fwd.loss.backward()
@@ -104,16 +111,7 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
     assert decodes == [(int((counts + 7).div(8, rounding_mode="floor").sum()), 8)], decodes
     assert counts.max() > 16  # some row really is cut into three pieces or more
     assert forward_batchtopk(sae, x, sparse=True).candidates is None  # nothing to change
-    for name, a, b in zip(
-        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
-        sparse,
-        dense,
-        strict=True,
-    ):
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b), name
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_forward(sparse, dense, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -138,13 +136,7 @@ def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeyp
     assert fwd.dense_rows == 1
     assert decodes == []  # the others keep nothing: no sparse decode at all
     assert fwd.l0.item() == pytest.approx(18 / 9)  # all 18 in row 4
-    for name, a, b in zip(
-        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
-        _loss_and_grads(sae, fwd),
-        dense,
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_same_forward(_loss_and_grads(sae, fwd), dense, atol=1e-5)
     assert fwd.candidates == 16  # twice the 4k tried: the next batches take more
     # the candidates keep doubling while a row is short; then no row goes dense
     tried = [fwd.candidates]
@@ -170,13 +162,7 @@ def test_batchtopk_short_row_dense_with_the_others_in_pieces(backend, monkeypatc
     assert fwd.dense_rows == 1 and fwd.candidates == 80
     kept_rows = (fwd.recon() != sae.b_dec).any(1)
     assert kept_rows.sum() > 2  # rows besides the dense one keep activations
-    for name, a, b in zip(
-        ("loss", "l0", "min_kept", "fired", "recon", "W_enc", "b_enc", "W_dec", "b_dec"),
-        _loss_and_grads(sae, fwd),
-        dense,
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_same_forward(_loss_and_grads(sae, fwd), dense, atol=1e-5)
 
 
 def test_batchtopk_candidates_stop_at_the_kernels_limit(monkeypatch):
