@@ -88,11 +88,14 @@ def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
     return [fwd.loss.detach(), fwd.l0, fwd.min_kept, fwd.fired, fwd.recon(), *grads]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "deterministic"), [("torch", False), ("triton", False), ("triton", True)]
+)
+def test_batchtopk_sparse_path_equals_dense(backend, deterministic, monkeypatch):
     """Candidates (4k per row) + the sparse kernels give the dense path's loss, metrics and
     gradients (9 rows, k = 10 over 200 latents). Each row's kept activations are cut into
-    pieces of 8 (PACK_WIDTH here), one kernel row each, and summed back per row."""
+    pieces of 8 (PACK_WIDTH here), one kernel row each, and summed back per row (by one
+    index_add, or one per piece number when deterministic)."""
     monkeypatch.setenv("SAE_KERNELS", backend)  # triton: the kernels under TRITON_INTERPRET
     monkeypatch.setattr(archs, "PACK_WIDTH", 8)
     decodes = []
@@ -104,7 +107,9 @@ def test_batchtopk_sparse_path_equals_dense(backend, monkeypatch):
     monkeypatch.setattr(archs, "topk_decode", counting_decode)
     sae, x = _batchtopk_case(k=10, n_latents=200, seed=7)
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
-    sparse = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=True))
+    sparse = _loss_and_grads(
+        sae, forward_batchtopk(sae, x, sparse=True, deterministic=deterministic)
+    )
     # one decode, one kernel row per piece of 8 of each row's kept count
     acts = sae.pre_acts(x).relu()
     counts = (acts >= acts.flatten().topk(9 * 10).values[-1]).sum(1)

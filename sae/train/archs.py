@@ -211,18 +211,20 @@ def _batchtopk_pieces(
     vals = vals * kept_mask
     zero = torch.zeros_like(sae.b_dec)
     parts = topk_decode(vals, i, sae.W_dec, zero, deterministic=deterministic)
-    # Sum the pieces back per row: one index_add per piece number, so no row is added to twice
-    # in one call (deterministic)
+    # Sum the pieces back per row: one index_add (atomic adds on CUDA), or when deterministic
+    # one per piece number, so no row is added to twice in one call
     full = target.new_zeros(target.shape)
-    by_piece = torch.argsort(piece_no, stable=True)
-    start = 0
-    for q in range(len(hist) - 1):
-        n_q = sum(hist[q + 1 :])  # rows with more than q pieces
-        if not n_q:
-            break
-        sel = by_piece[start : start + n_q]
-        full = full.index_add(0, row_of[sel], parts[sel])
-        start += n_q
+    if not deterministic:
+        full = full.index_add(0, row_of, parts)
+    else:
+        by_piece, start = torch.argsort(piece_no, stable=True), 0
+        for q in range(len(hist) - 1):
+            n_q = sum(hist[q + 1 :])  # rows with more than q pieces
+            if not n_q:
+                break
+            sel = by_piece[start : start + n_q]
+            full = full.index_add(0, row_of[sel], parts[sel])
+            start += n_q
     kept = vals.detach()
     fired = _fired_from_sparse(kept, i, sae.cfg.n_latents)
     return full, fired, (kept > 0).sum(), [kept.float().reshape(-1)]
@@ -254,22 +256,24 @@ def _batchtopk_sparse(
         any_short = ddp.any_rank(any_short, info)  # any rank short: all take the cut again
     width = min(PACK_WIDTH, n_cand)
     counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
-    flags = torch.cat([any_short.float(), hist.float()]).tolist()  # the one sync, usually
+    n_short = short.sum().reshape(1)
+    flags = torch.cat([any_short.float(), n_short.float(), hist.float()]).tolist()  # the sync
     dense_acts = None
     if flags[0]:
         # Short rows in full (with gradients: they are decoded densely), and the cut again over
         # them and the other rows' candidates: exact, as every other row's last candidate stays
         # below the new cut (more values can only raise the n_keep-th largest).
+        short_rows = torch.argsort((~short).to(torch.int8), stable=True)[: int(flags[1])]
         with _encoder_autocast(target, encoder_bf16):
-            pre = centered[short] @ sae.W_enc.T + sae.b_enc
+            pre = centered.index_select(0, short_rows) @ sae.W_enc.T + sae.b_enc
         dense_acts = pre.float().relu()
         pool = torch.cat(
             [cand32.masked_fill(short[:, None], 0).reshape(-1), dense_acts.reshape(-1)]
         )
         cut = _batch_cut(pool.detach(), n_keep, info)
         counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
-        flags = [1.0, *hist.tolist()]
-    hist = [int(n) for n in flags[1:]]  # rows with 0, 1, 2, … pieces
+        flags = [*flags[:2], *hist.tolist()]
+    hist = [int(n) for n in flags[2:]]  # rows with 0, 1, 2, … pieces
     full = target.new_zeros(target.shape)
     fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=cand.device)
     n_active, kept_values = torch.zeros((), device=cand.device), []
@@ -277,10 +281,9 @@ def _batchtopk_sparse(
         full, fired, n_active, kept_values = _batchtopk_pieces(
             sae, target, cand, cand_idx, counts, pieces, hist, width, encoder_bf16, deterministic
         )
-    if dense_acts is not None:  # the short rows, in batch order (as centered[short] took them)
+    if dense_acts is not None:
         kept_dense = dense_acts * ((dense_acts >= cut) & (dense_acts > 0))
-        rows = short.nonzero().squeeze(1)
-        full = full.index_add(0, rows, kept_dense.to(sae.W_dec.dtype) @ sae.W_dec)
+        full = full.index_add(0, short_rows, kept_dense.to(sae.W_dec.dtype) @ sae.W_dec)
         kept = kept_dense.detach()
         fired = fired | (kept > 0).any(0)
         n_active = n_active + (kept > 0).sum()
