@@ -81,6 +81,18 @@ def _assert_same_forward(got: list[torch.Tensor], want: list[torch.Tensor], atol
         torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=name)
 
 
+def _record_decodes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the values each sparse decode of BatchTopK is given, in call order."""
+    decodes = []
+
+    def counting_decode(vals, *args, **kwargs):
+        decodes.append(tuple(vals.shape))
+        return topk_decode(vals, *args, **kwargs)
+
+    monkeypatch.setattr(archs, "topk_decode", counting_decode)
+    return decodes
+
+
 def _loss_and_grads(sae, fwd) -> list[torch.Tensor]:
     sae.zero_grad(set_to_none=True)
     fwd.loss.backward()
@@ -98,13 +110,7 @@ def test_batchtopk_sparse_path_equals_dense(backend, deterministic, monkeypatch)
     index_add, or one per piece number when deterministic)."""
     monkeypatch.setenv("SAE_KERNELS", backend)  # triton: the kernels under TRITON_INTERPRET
     monkeypatch.setattr(archs, "PACK_WIDTH", 8)
-    decodes = []
-
-    def counting_decode(vals, *args, **kwargs):
-        decodes.append(tuple(vals.shape))
-        return topk_decode(vals, *args, **kwargs)
-
-    monkeypatch.setattr(archs, "topk_decode", counting_decode)
+    decodes = _record_decodes(monkeypatch)
     sae, x = _batchtopk_case(k=10, n_latents=200, seed=7)
     dense = _loss_and_grads(sae, forward_batchtopk(sae, x, sparse=False))
     sparse = _loss_and_grads(
@@ -126,13 +132,7 @@ def test_batchtopk_row_beyond_its_candidates_is_decoded_densely(backend, monkeyp
     full row (the candidates' cut would keep 10 activations of other rows, and decode them),
     and the result is the dense path's."""
     monkeypatch.setenv("SAE_KERNELS", backend)
-    decodes = []
-
-    def counting_decode(vals, *args, **kwargs):
-        decodes.append(tuple(vals.shape))
-        return topk_decode(vals, *args, **kwargs)
-
-    monkeypatch.setattr(archs, "topk_decode", counting_decode)
+    decodes = _record_decodes(monkeypatch)
     sae, x = _batchtopk_case(k=2, n_latents=60, seed=11)
     x = x.clone()
     x[4] *= 50.0
