@@ -60,6 +60,18 @@ def _worker(rank: int, port: int, out: str, arch: str) -> None:
     os.environ.update({k: str(v) for k, v in env.items()} | {"MASTER_ADDR": "127.0.0.1"})
     train(_config(Path(out), arch), _source())
     assert not dist.is_initialized(), "train() should leave the process group it created"
+    # Left, and gone: a group that outlives destroy_process_group (something still holds it)
+    # keeps its gloo threads until interpreter shutdown, where they abort now and then.
+    assert not _gloo_threads(), "the process group outlived train(): its gloo threads still run"
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (Linux names them in /proc)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()]
+    return [n for n in names if "gloo" in n]
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ makes a step equal to one process's step on the concatenated global batch.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +32,11 @@ def joined(device: str) -> Iterator[RankInfo]:
         return
     if device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
+    # Importing torch._dynamo while a group exists leaves ten references to that group which
+    # destroy_process_group does not drop, so the group and its gloo threads live on until
+    # interpreter shutdown, where tearing them down aborts now and then (SIGABRT, "terminate
+    # called without an active exception"). The optimizer's first step imports it; do it first.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     info = RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
     barrier(info)  # creating the group is no sync point; make it one
