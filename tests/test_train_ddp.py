@@ -6,6 +6,7 @@ import faulthandler
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from sae.train.checkpoint import checkpoint_path
 from sae.train.config import TrainConfig
 from sae.train.data import TensorSource
 from sae.train.model import load_sae
-from sae.train.trainer import train
+from sae.train.trainer import Trainer, train
 
 
 def _config(out: Path, arch: str) -> TrainConfig:
@@ -58,6 +59,14 @@ def _worker(rank: int, port: int, out: str, arch: str) -> None:
     torch.set_num_threads(1)
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()} | {"MASTER_ADDR": "127.0.0.1"})
+    if rank == 1:  # checks --out late, as on a slow filesystem: rank 0 must wait to write there
+        check = Trainer._check_out_dir
+
+        def late_check(self: Trainer) -> None:
+            time.sleep(1.0)
+            check(self)
+
+        Trainer._check_out_dir = late_check
     train(_config(Path(out), arch), _source())
     assert not dist.is_initialized(), "train() should leave the process group it created"
     # Left, and gone: a group that outlives destroy_process_group (something still holds it)

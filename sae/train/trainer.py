@@ -369,6 +369,9 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, info = self.cfg, self.info
+        # Every rank has checked --out and read its checkpoint before rank 0 writes there: a
+        # rank still checking would otherwise find this run's config and refuse to start.
+        ddp.barrier(info)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not cfg.resume and cfg.overwrite:
