@@ -48,7 +48,16 @@ def joined(device: str) -> Iterator[RankInfo]:
 
 
 def average_gradients(params: list[torch.nn.Parameter], info: RankInfo) -> None:
-    """All-reduce the gradients as one flat buffer and divide by the world size."""
+    """All-reduce the gradients as one flat buffer and divide by the world size.
+
+    A parameter that got no gradient here takes part with zeros (in one process too, so world
+    size changes nothing): under BatchTopK a batch (or one rank's share of it) can keep no
+    activation at all, and ranks flattening different sets of gradients would all-reduce
+    buffers of different sizes (gloo aborts, NCCL hangs or mixes them up).
+    """
+    for p in params:
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
     if info.world_size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -88,13 +97,13 @@ def gather_objects(obj, info: RankInfo) -> list:
     return out
 
 
-def mean_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:
-    """Average of a tensor over ranks (for logged metrics)."""
+def sum_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:
+    """Element-wise sum of a tensor over ranks (logged metrics)."""
     if info.world_size == 1:
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / info.world_size
+    return t
 
 
 def min_over_ranks(t: torch.Tensor, info: RankInfo) -> torch.Tensor:

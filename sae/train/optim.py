@@ -109,6 +109,9 @@ class DecoderAdam(torch.optim.Adam):
             return
         m_new, v_new = adam_reference(p.data, p.grad, m, v, float(state["step"]), *args, decoder)
         if m.dtype == torch.bfloat16:
-            m_new, v_new = stochastic_bf16(m_new), stochastic_bf16(v_new)
+            # Noise seeded by step and parameter, as in the kernels: torchrun ranks seed the
+            # global RNG differently, and rounding their moments apart would drift the weights.
+            gen = torch.Generator().manual_seed(int(state["step"]) * 4 + salt * 1000003)
+            m_new, v_new = stochastic_bf16(m_new, gen), stochastic_bf16(v_new, gen)
         m.copy_(m_new)
         v.copy_(v_new)

@@ -293,13 +293,20 @@ class Trainer:
     # --- metrics, eval, checkpoints ------------------------------------------------------------
     @torch.no_grad()
     def batch_metrics(self, fwd: Forward) -> dict:
-        target = fwd.target
-        err = (fwd.recon() - target).pow(2).sum()
-        var = (target - target.mean(0)).pow(2).sum()
-        stats = torch.stack([fwd.loss.detach(), err / var.clamp_min(1e-12), fwd.l0])
-        loss, fvu, l0 = ddp.mean_over_ranks(stats, self.info).tolist()
+        # FVU of the global batch: error and variance summed over ranks before dividing (an
+        # average of the ranks' own FVUs would measure each against its own share's mean). The
+        # variance comes from float64 sums, Σ‖x‖² − ‖Σx‖²/n, so the ranks add one vector.
+        target = fwd.target.double()
+        err = (fwd.recon().double() - target).pow(2).sum()
+        n = torch.tensor(float(target.shape[0]), dtype=torch.float64, device=target.device)
+        head = [fwd.loss.detach().double(), fwd.l0.double(), err, target.pow(2).sum(), n]
+        sums = ddp.sum_over_ranks(torch.cat([torch.stack(head), target.sum(0)]), self.info)
+        total_sq = sums[5:].pow(2).sum().reshape(1)  # ‖Σx‖²
+        loss, l0, err, sq, n, total_sq = torch.cat([sums[:5], total_sq]).tolist()
+        world = self.info.world_size
+        fvu = err / max(sq - total_sq / n, 1e-12)
         dead = int((self.since_fired >= self.cfg.dead_tokens).sum().item())
-        return {"loss": loss, "fvu": fvu, "l0": l0, "dead": dead}
+        return {"loss": loss / world, "fvu": fvu, "l0": l0 / world, "dead": dead}
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
