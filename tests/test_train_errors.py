@@ -9,12 +9,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from planted import planted_activations, planted_dictionary
+from planted import CrashAfter, planted_activations, planted_dictionary
 
 from sae.errors import SaeError
 from sae.train.checkpoint import checkpoint_path, load_checkpoint
 from sae.train.config import TrainConfig
 from sae.train.data import TensorSource
+from sae.train.model import load_sae
 from sae.train.trainer import train
 
 
@@ -109,10 +110,15 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path):
     # eval results of the SAE being replaced must not outlive it
     (tmp_path / "run" / "eval.json").write_text("{}")
     (tmp_path / "run" / "latent_frequency.safetensors").write_bytes(b"old")
-    summary = train(_config(tmp_path / "run", tokens=64 * 3, overwrite=True), _source())
-    assert summary["steps"] == 3
+    # nor its weights, under this run's config, should this run be killed before it finishes
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path / "run", tokens=64 * 3, overwrite=True), CrashAfter(_source(), 2))
     assert not (tmp_path / "run" / "eval.json").exists()
     assert not (tmp_path / "run" / "latent_frequency.safetensors").exists()
+    with pytest.raises(SaeError, match=r"sae\.safetensors"):
+        load_sae(tmp_path / "run")
+    summary = train(_config(tmp_path / "run", tokens=64 * 3, overwrite=True), _source())
+    assert summary["steps"] == 3
 
 
 def test_d_model_mismatch_with_checkpoint(tmp_path):

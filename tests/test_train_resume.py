@@ -17,12 +17,12 @@ from planted import (
     write_planted_cache,
 )
 
-from sae.train import archs
+from sae.train import archs, model
 from sae.train.checkpoint import load_checkpoint
 from sae.train.config import TrainConfig
 from sae.train.data import CacheSource, TensorSource
-from sae.train.model import load_sae
-from sae.train.trainer import train
+from sae.train.model import SparseAutoencoder, load_sae
+from sae.train.trainer import Trainer, train
 
 
 def _config(out: Path, cache: str, arch: str, **overrides) -> TrainConfig:
@@ -121,3 +121,32 @@ def test_finished_run_extends_with_more_tokens(tmp_path):
     train(_config(direct, "memory", "topk", decay_fraction=0.0), make())
     for name, tensor in load_sae(direct).state_dict().items():
         assert torch.equal(load_sae(out).state_dict()[name], tensor), name
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kill", ["before_finishing", "before_the_config", "after_saving"])
+def test_killed_while_finishing_resumes_to_the_same_run(tmp_path, monkeypatch, kill):
+    """Killed after the final checkpoint (before the final held-out line), between the weights
+    and config.json, or right after both: --resume completes the run as if never stopped."""
+    dictionary = planted_dictionary(32, 16)
+    rows = planted_activations(dictionary, 64 * 20)
+    make = lambda: TensorSource(rows, rows[:64])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_config(straight, "memory", "topk"), make())
+    with monkeypatch.context() as patch:
+        if kill == "before_finishing":
+            patch.setattr(Trainer, "_finish", _interrupt)
+        elif kill == "before_the_config":
+            patch.setattr(model, "atomic_write_text", _interrupt)
+        else:
+            save = SparseAutoencoder.save
+            patch.setattr(SparseAutoencoder, "save", lambda *a, **k: _interrupt(save(*a, **k)))
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(resumed, "memory", "topk"), make())
+    summary = train(_config(resumed, "memory", "topk", resume=True), make())
+    _assert_same_run(straight, resumed)
+    assert summary["train"] == json.loads((straight / "summary.json").read_text())["train"]
+    assert summary["train"]["fvu"] > 0

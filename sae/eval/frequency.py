@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sae.atomic import atomic_write
 from sae.errors import SaeError
 
 FREQUENCY_FILE = "latent_frequency.safetensors"
@@ -24,10 +25,8 @@ def write_frequencies(freqs: dict[str, torch.Tensor], path: str | Path, *, token
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {label: f.detach().float().cpu().contiguous() for label, f in freqs.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"tokens": str(int(tokens))})
-    tmp.replace(path)
-    return path
+    metadata = {"tokens": str(int(tokens))}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_frequency(path: str | Path, label: str, n_latents: int) -> tuple[torch.Tensor, int] | None:

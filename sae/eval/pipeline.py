@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sae.atomic import atomic_write_text
 from sae.errors import SaeError
 from sae.eval.evaluate import EvalPlan, EvalResult, Setting, evaluate_sae
 
@@ -193,10 +194,7 @@ def write_json(doc: dict, path: str | Path) -> Path:
     """Write atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def read_eval(path: str | Path) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sae.atomic import tmp_path
 from sae.errors import SaeError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -43,7 +44,7 @@ def save_checkpoint(out: Path, payload: dict) -> None:
     """Atomically replace the run's checkpoint with `payload`."""
     path = checkpoint_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     torch.save(payload, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

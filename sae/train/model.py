@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sae.atomic import atomic_write, atomic_write_text
 from sae.errors import SaeError
 from sae.kernels import topk_decode, topk_encode
 
@@ -186,23 +187,20 @@ class SparseAutoencoder(nn.Module):
         return self.reconstruct(x, mode=mode)
 
     # --- files ----------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        """Write sae.safetensors + config.json (SAEConfig as JSON) into `directory`."""
+    def save(self, directory: str | Path, config_json: str | None = None) -> None:
+        """Write sae.safetensors + config.json into `directory`, each atomically.
+
+        config.json holds the SAEConfig, or `config_json` when given (the trainer's TrainConfig,
+        a superset that also lets the run resume): one write, so no kill leaves a config that
+        is neither."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-        text = json.dumps(asdict(self.cfg), indent=2)
-        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text + "\n"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary sibling and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+        text = config_json if config_json is not None else json.dumps(asdict(self.cfg), indent=2)
+        atomic_write_text(directory / CONFIG_FILE, text.rstrip("\n") + "\n")
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sae.atomic import atomic_write_text, tmp_path
 from sae.errors import SaeError
 from sae.runtime import RankInfo, resolve_device
 from sae.train import distributed as ddp
@@ -26,7 +27,7 @@ from sae.train.checkpoint import (
 )
 from sae.train.config import RESUME_FIXED, TOPK_FAMILY, TrainConfig
 from sae.train.data import CacheSource, DataSource
-from sae.train.model import CONFIG_FILE, SparseAutoencoder
+from sae.train.model import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
 from sae.train.optim import DecoderAdam
 
 METRICS_FILE = "metrics.jsonl"
@@ -90,6 +91,7 @@ class Trainer:
         self.batchtopk_dense_steps = 0  # steps where BatchTopK's sparse path decoded rows densely
         self.last_good_step: int | None = None
         self.cursor: dict | None = None
+        self.last_metrics: dict = {}  # the last logged training metrics (for the summary)
         if cfg.resume:
             self._load_checkpoint()
         else:
@@ -193,6 +195,7 @@ class Trainer:
         # absent from checkpoints written before they were saved: learnt again
         self.batchtopk_candidates = int(ckpt.get("batchtopk_candidates", 0)) or None
         self.batchtopk_dense_steps = int(ckpt.get("batchtopk_dense_steps", 0))
+        self.last_metrics = _json_dict(ckpt.get("last_metrics"))  # for a no-op resume's summary
         cursors, rngs = ckpt["cursors"], ckpt["rngs"]
         if len(cursors) != self.info.world_size:
             raise SaeError(
@@ -215,7 +218,7 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # --- one step --------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> Forward:
@@ -362,11 +365,25 @@ class Trainer:
                 "batchtopk_candidates": self.batchtopk_candidates or 0,
                 "batchtopk_dense_steps": self.batchtopk_dense_steps,
                 "seconds": self.seconds_before + time.perf_counter() - self.t0,
+                "last_metrics": json.dumps(self.last_metrics),
                 "d_model": self.cfg.d_model,
             }
             save_checkpoint(self.out, payload)
         self.last_good_step = self.step
         ddp.barrier(self.info)
+
+    def _logged_heldout(self, step: int) -> bool:
+        path = self.out / METRICS_FILE
+        if not path.exists():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("split") == "heldout" and record.get("step") == step:
+                return True
+        return False
 
     def _log(self, record: dict) -> None:
         if self.info.is_main:
@@ -385,11 +402,15 @@ class Trainer:
                 from sae.eval.frequency import FREQUENCY_FILE
                 from sae.eval.pipeline import EVAL_FILE
 
-                # An earlier run's eval results describe an SAE that is about to be replaced.
-                for name in (METRICS_FILE, SUMMARY_FILE, EVAL_FILE, FREQUENCY_FILE):
-                    (self.out / name).unlink(missing_ok=True)
-                checkpoint_path(self.out).unlink(missing_ok=True)
-            (self.out / CONFIG_FILE).write_text(cfg.to_json())
+                # Everything the earlier run wrote goes: its weights would otherwise load under
+                # this run's config until this run finishes, and its eval results describe them.
+                names = (METRICS_FILE, SUMMARY_FILE, EVAL_FILE, FREQUENCY_FILE, WEIGHTS_FILE)
+                for path in [self.out / n for n in (*names, CONFIG_FILE)] + [
+                    checkpoint_path(self.out)
+                ]:
+                    path.unlink(missing_ok=True)
+                    tmp_path(path).unlink(missing_ok=True)
+            atomic_write_text(self.out / CONFIG_FILE, cfg.to_json())
         ddp.barrier(info)
         local_batch = cfg.batch // info.world_size
         self.stream = self.source.train_batches(
@@ -403,14 +424,13 @@ class Trainer:
         self.t0 = time.perf_counter()
         start_step = self.step
         progress = self._progress()
-        last: dict = {}
         try:
             while self.step < cfg.steps:
                 x = next(self.stream)
                 fwd = self.train_step(x)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._check_finite()
-                    last = self.batch_metrics(fwd)
+                    last = self.last_metrics = self.batch_metrics(fwd)
                     self.aux_active = last["dead"] > 0
                     elapsed = time.perf_counter() - self.t0
                     rate = (self.step - start_step) * cfg.batch / max(elapsed, 1e-9)
@@ -434,7 +454,7 @@ class Trainer:
                 progress[0].stop()
             self.stream.close()
         seconds = time.perf_counter() - self.t0
-        return self._finish(seconds, start_step, last)
+        return self._finish(seconds, start_step, self.last_metrics)
 
     def _progress(self):
         if not (self.cfg.progress and self.info.is_main):
@@ -471,15 +491,23 @@ class Trainer:
             **(ev or {"fvu": None, "l0": None, "dead": None}),
         }
         if self.info.is_main:
-            if ev is not None and self.step > start_step:  # a no-op resume logs nothing twice
+            # Once per step: not again on a no-op resume, but also after a kill that came
+            # between the final checkpoint and this line.
+            if ev is not None and not self._logged_heldout(self.step):
                 self._log({"step": self.step, "split": "heldout", **ev})
-            self.sae.save(self.out)
-            (self.out / CONFIG_FILE).write_text(cfg.to_json())
-            tmp = self.out / (SUMMARY_FILE + ".tmp")
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            tmp.replace(self.out / SUMMARY_FILE)
+            self.sae.save(self.out, config_json=cfg.to_json())
+            atomic_write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         ddp.barrier(self.info)
         return summary
+
+
+def _json_dict(text: object) -> dict:
+    """A JSON object from a checkpoint field ({} when absent or not an object)."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
