@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from planted import CrashAfter, planted_activations, planted_dictionary
+from planted import CrashAfter, planted_activations, planted_dictionary, write_planted_cache
 
 from sae.errors import SaeError
 from sae.train.checkpoint import checkpoint_path, load_checkpoint
@@ -165,3 +166,55 @@ def test_foreign_cache(tmp_path):
     (plain / "notes.txt").write_text("not a cache")
     with pytest.raises(SaeError, match="is not an sae activation cache"):
         train(_config(tmp_path / "run", cache=str(plain)))
+
+
+def test_out_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(SaeError, match="is a file; pass a directory"):
+        train(_config(afile), _source())
+    with pytest.raises(SaeError, match=r"cannot be created: .*afile is a file"):
+        train(_config(afile / "run"), _source())
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "flag"),
+    [
+        ("aux_coef", float("nan"), "--aux-coef"),  # NaN > 0 is false: AuxK would be off
+        ("l0_coef", -1.0, "--l0-coef"),
+        ("jumprelu_bandwidth", 0.0, "--bandwidth"),
+        ("jumprelu_bandwidth", float("inf"), "--bandwidth"),
+    ],
+)
+def test_coefficients_must_be_finite(tmp_path, option, value, flag):
+    with pytest.raises(SaeError, match=f"{flag} must be a finite number"):
+        train(_config(tmp_path / "run", **{option: value}), _source())
+
+
+def test_foreign_or_damaged_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(_config(run, tokens=64 * 10), _source())
+    saved = load_checkpoint(run)
+    torch.save({"model": saved["model"], "step": 3}, checkpoint_path(run))
+    with pytest.raises(SaeError, match=r"not a checkpoint of `sae train` \(it lacks optimizer"):
+        train(_config(run, resume=True), _source())
+    torch.save(saved | {"cursors": "not a list"}, checkpoint_path(run))
+    with pytest.raises(SaeError, match=r"cannot resume from .*damaged .* --overwrite"):
+        train(_config(run, resume=True), _source())
+    torch.save(saved, checkpoint_path(run))
+    assert train(_config(run, resume=True), _source())["steps"] == 20  # it extends
+
+
+def test_cache_that_does_not_say_its_layer_or_context(tmp_path):
+    """Provenance a cache leaves out (another tool wrote it) is recorded as unknown."""
+    url = tmp_path / "cache"
+    rows = planted_activations(planted_dictionary(32, 16), 64 * 6)
+    write_planted_cache(str(url), rows, chunk_rows=64)
+    meta = json.loads((url / "zarr.json").read_text())
+    del meta["attributes"]["identity"]["layer"]
+    meta["attributes"]["identity"]["context"] = None
+    (url / "zarr.json").write_text(json.dumps(meta))
+    train(_config(tmp_path / "run", cache=str(url), tokens=64 * 2))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["layer"], saved["context"], saved["model"]) == (-1, 0, "planted")

@@ -30,7 +30,7 @@ def check_cache_matches(sae_cfg, cache, run: str, *, any_model: bool = False) ->
         problems.append(f"d_model {cache.d_model} vs {sae_cfg.d_model}")
     if sae_cfg.model and str(cache.model) != sae_cfg.model and not any_model:
         problems.append(f"model {cache.model!r} vs {sae_cfg.model!r}")
-    if sae_cfg.layer >= 0 and int(cache.layer) != sae_cfg.layer:
+    if sae_cfg.layer >= 0 and cache.layer != sae_cfg.layer:  # None: the cache does not say
         problems.append(f"layer {cache.layer} vs {sae_cfg.layer}")
     if problems:
         raise SaeError(

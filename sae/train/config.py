@@ -7,6 +7,7 @@ the SAE straight from a run directory.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -129,8 +130,19 @@ class TrainConfig:
             raise SaeError(f"--decay must be a fraction in [0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.dead_tokens < 1:
             raise SaeError("--warmup, --eval-every must be >= 0 and --dead-tokens >= 1")
-        if self.l0_coef < 0 or self.jumprelu_bandwidth <= 0 or self.aux_coef < 0:
-            raise SaeError("--l0-coef and --aux-coef must be >= 0 and the bandwidth > 0")
+        # `not (... >= 0)` so NaN fails too (it compares false either way); inf is no setting
+        for name, value, least in (
+            ("--l0-coef", self.l0_coef, 0.0),
+            ("--aux-coef", self.aux_coef, 0.0),
+            ("--bandwidth", self.jumprelu_bandwidth, None),
+            ("jumprelu_init_threshold", self.jumprelu_init_threshold, 0.0),
+        ):
+            ok = value >= least if least is not None else value > 0
+            if not (ok and math.isfinite(value)):
+                bound = f">= {least:g}" if least is not None else "> 0"
+                raise SaeError(f"{name} must be a finite number {bound}, got {value}")
+        if not 0 <= self.theta_momentum < 1:
+            raise SaeError(f"theta_momentum must be in [0, 1), got {self.theta_momentum}")
 
     def resolve_latents(self, d_model: int) -> int:
         """Dictionary size from --latents, --expansion or the default 65536."""

@@ -76,12 +76,15 @@ class CacheSource:
         self.n_train_tokens = int(self.cache.n_tokens) - self.n_heldout
         if self.n_train_tokens <= 0:
             raise SaeError(f"cache {url} has no training tokens; harvest more tokens into it")
+        # What the cache says it came from; a field it leaves out is recorded as unknown
+        # (the TrainConfig defaults: "", -1, 0) rather than refused: training needs none of them.
+        cache = self.cache
         self.provenance = {
-            "model": str(self.cache.model),
-            "layer": int(self.cache.layer),
-            "hook": str(self.cache.hook),
+            "model": cache.model if cache.model is not None else "",
+            "layer": cache.layer if cache.layer is not None else -1,
+            "hook": cache.hook if cache.hook is not None else "",
             "cache_url": str(url),
-            "context": int(self.cache.context),
+            "context": cache.context if cache.context is not None else 0,
         }
 
     def sample(self, n: int, seed: int) -> torch.Tensor:

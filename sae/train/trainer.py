@@ -31,6 +31,19 @@ from sae.train.model import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
 from sae.train.optim import DecoderAdam
 
 METRICS_FILE = "metrics.jsonl"
+# What every checkpoint holds (later additions are read with defaults, see _restore)
+CHECKPOINT_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "cursors",
+    "rngs",
+    "since_fired",
+    "theta",
+    "theta_count",
+    "aux_active",
+    "seconds",
+)
 SUMMARY_FILE = "summary.json"
 
 
@@ -120,6 +133,11 @@ class Trainer:
 
     def _check_out_dir(self) -> None:
         cfg = self.cfg
+        if self.out.exists() and not self.out.is_dir():
+            raise SaeError(f"--out {self.out} is a file; pass a directory (created if missing)")
+        parent = next((p for p in self.out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise SaeError(f"--out {self.out} cannot be created: {parent} is a file")
         has_run = (self.out / CONFIG_FILE).exists() or checkpoint_path(self.out).exists()
         if cfg.resume:
             if not (self.out / CONFIG_FILE).exists():
@@ -174,6 +192,23 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         ckpt = load_checkpoint(self.out)
+        missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+        if missing:
+            raise SaeError(
+                f"{checkpoint_path(self.out)} is not a checkpoint of `sae train` (it lacks "
+                f"{', '.join(missing)}); start the run over with --overwrite instead of --resume"
+            )
+        try:
+            self._restore(ckpt)
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise SaeError(
+                f"cannot resume from {checkpoint_path(self.out)}: {type(err).__name__}: {err}; "
+                "it is damaged or was written by another version. Start over with --overwrite"
+            ) from None
+        if self.info.is_main:
+            self._truncate_metrics()
+
+    def _restore(self, ckpt: dict) -> None:
         cfg = self.cfg
         shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
         want = {k: tuple(v.shape) for k, v in self.sae.state_dict().items()}
@@ -197,14 +232,14 @@ class Trainer:
         self.batchtopk_dense_steps = int(ckpt.get("batchtopk_dense_steps", 0))
         self.last_metrics = _json_dict(ckpt.get("last_metrics"))  # for a no-op resume's summary
         cursors, rngs = ckpt["cursors"], ckpt["rngs"]
+        if not (isinstance(cursors, list) and isinstance(rngs, list)) or len(rngs) != len(cursors):
+            raise TypeError("cursors and rngs must be lists with one entry per rank")
         if len(cursors) != self.info.world_size:
             raise SaeError(
                 f"the checkpoint was written by {len(cursors)} ranks; resume with as many"
             )
         self.cursor = cursors[self.info.rank]
         set_rng_state(rngs[self.info.rank])
-        if self.info.is_main:
-            self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint, so a resumed run repeats none."""
@@ -397,7 +432,10 @@ class Trainer:
         # rank still checking would otherwise find this run's config and refuse to start.
         ddp.barrier(info)
         if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise SaeError(f"cannot create --out {self.out}: {err.strerror}") from None
             if not cfg.resume and cfg.overwrite:
                 from sae.eval.frequency import FREQUENCY_FILE
                 from sae.eval.pipeline import EVAL_FILE
