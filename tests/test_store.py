@@ -490,3 +490,47 @@ def test_reader_checksum_is_crc32c_as_zarr_stores_it():
     data = rng.integers(0, 256, size=300_000, dtype=np.uint8)  # above the GIL-release size
     for view in (data, data[17:], data[:1000], data.tobytes()):
         assert crc32c(view) == google_crc32c.value(bytes(view))
+
+
+@pytest.mark.parametrize("where", ["after_the_statistics", "awaiting_a_free_block"])
+def test_interrupted_append_leaves_a_readable_resumable_cache(tmp_path, monkeypatch, where):
+    """Ctrl-C inside append() (a KeyboardInterrupt between two of its statements): `with` still
+    closes the writer, which must not commit the half-updated tail; the rest is re-harvested."""
+    import sae.store.writer as writer_module
+
+    url, n = str(tmp_path / "cache"), 1000
+    w = CacheWriter(url, d_model=D, total_tokens=n, identity=IDENTITY, attrs={},
+                    chunk_rows=32, shard_rows=64)  # fmt: skip
+    calls = {"n": 0}
+    if where == "after_the_statistics":  # the block's statistics count rows its fill does not
+        sanitize = writer_module.sanitize_block
+
+        def sanitize_then_stop(*args):
+            sanitize(*args)
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(writer_module, "sanitize_block", sanitize_then_stop)
+    else:  # a full block is queued; the interrupt comes while waiting for a free one
+        get = w._free.get
+
+        def get_then_stop(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return get(*args, **kwargs)
+
+        monkeypatch.setattr(w._free, "get", get_then_stop)
+    with pytest.raises(KeyboardInterrupt), w:
+        for i in range(0, n, 100):
+            w.append(rows_for(i, 100), np.arange(i, i + 100), np.arange(i, i + 100) % CONTEXT)
+    monkeypatch.undo()
+    cache = open_cache(url)
+    done = cache.n_tokens
+    assert 0 < done < n and done % 64 == 0 and cache.stats["count"] == done
+    w = write(url, n)  # resumes from the record
+    assert w.committed == n
+    cache = open_cache(url)
+    np.testing.assert_array_equal(cache.read_rows(0, n), rows_for(0, n).astype(np.float16))
+    assert not verify_cache(cache).problems

@@ -259,6 +259,7 @@ class CacheWriter:
         )
         self._thread.start()
         self._closed = False
+        self._interrupted = False  # an append() stopped part-way (see close())
 
     def _new_block(self, start: int) -> _Block:
         block = self._free.get()
@@ -316,6 +317,11 @@ class CacheWriter:
             )
         if state is not None:
             state = json_normalise(state, "state")
+        # From here until the rows are in, an exception (Ctrl-C included) can leave the buffered
+        # block half updated (statistics ahead of its fill, or already queued while a fresh
+        # one was awaited); close() then drops that tail instead of committing it.
+        self._interrupted = True
+        if state is not None:
             with self._lock:
                 self._pending_states.append((self._appended + n, state))
         i = 0
@@ -330,13 +336,18 @@ class CacheWriter:
             self._appended += take
             if b.fill == self.layout.shard_rows:
                 self._submit()
+        self._interrupted = False
 
     def close(self) -> None:
-        """Write the buffered tail, wait for the background writer, and commit."""
+        """Write the buffered tail, wait for the background writer, and commit.
+
+        After an append that an exception cut short, the tail is dropped rather than
+        committed: the record then ends at the last whole block, and a resumed harvest
+        writes the rest again (nothing lost, nothing counted twice)."""
         if self._closed:
             return
         self._closed = True
-        if self._error is None and self._block.fill > self._block.pre:
+        if self._error is None and not self._interrupted and self._block.fill > self._block.pre:
             self._submit(last=True)
         self._todo.put(None)
         self._thread.join()
