@@ -66,3 +66,25 @@ def resolve_device(device: str) -> torch.device:
         raise SaeError(
             f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N"
         ) from None
+
+
+def torchrun_barrier() -> None:
+    """Wait once for every torchrun rank: a gloo group joined and left around one barrier.
+
+    For the rare point where ranks that otherwise need no process group must agree (harvest's
+    --overwrite: nobody opens the cache until rank 0 has replaced it)."""
+    import importlib
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and os.environ.get("MASTER_ADDR")):
+        raise SaeError(
+            "several ranks must agree here, which needs torchrun's MASTER_ADDR/MASTER_PORT; "
+            "launch with torchrun"
+        )
+    importlib.import_module("torch._dynamo")  # before the group: see sae.train.distributed
+    dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -63,6 +63,7 @@ def cli_args(config: HarvestConfig) -> list[str]:
         f"--chunk-rows={config.chunk_rows}",
         f"--shard-rows={config.shard_rows}",
         "--no-progress",
+        *(["--overwrite"] if config.overwrite else []),
     ]
 
 
@@ -192,26 +193,14 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
 def test_two_ranks_write_the_windows_of_one_process(tiny, reference, tmp_path):
     tokens = 4096  # 2 ranks x 2 token chunks of 16 x 64 rows: equal shares, whole windows
     config = base_config(tiny, str(tmp_path / "ranks"), tokens=tokens, chunk_rows=64, shard_rows=64)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node=2",
-            "-m",
-            "sae",
-            *cli_args(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_harvest(config)
     acts1, ids1, pos1 = (x[:tokens] for x in cache_content(reference[0]))
     acts2, ids2, pos2 = cache_content(config.out)
     assert len(ids2) == tokens
+    # --overwrite with two ranks: they meet at a barrier once rank 0 has replaced the cache
+    _torchrun_harvest(replace(config, overwrite=True))
+    for before, after in zip((acts2, ids2, pos2), cache_content(config.out), strict=True):
+        np.testing.assert_array_equal(before, after)
     # Same windows with the same activations (the ranks' rows come in another order).
     by_window1 = _acts_by_window(acts1, ids1, pos1)
     by_window2 = _acts_by_window(acts2, ids2, pos2)
@@ -219,6 +208,19 @@ def test_two_ranks_write_the_windows_of_one_process(tiny, reference, tmp_path):
     assert by_window1.keys() == by_window2.keys()
     for key, value in by_window1.items():
         np.testing.assert_array_equal(value, by_window2[key])
+
+
+def _torchrun_harvest(config) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "sae"]
+    result = subprocess.run(
+        [*command, *cli_args(config)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _acts_by_window(acts, ids, positions) -> dict[tuple[int, ...], np.ndarray]:

@@ -534,3 +534,43 @@ def test_interrupted_append_leaves_a_readable_resumable_cache(tmp_path, monkeypa
     cache = open_cache(url)
     np.testing.assert_array_equal(cache.read_rows(0, n), rows_for(0, n).astype(np.float16))
     assert not verify_cache(cache).problems
+
+
+def test_overwrite_with_several_writers_waits_for_rank_0(tmp_path):
+    """Rank 1 reaches the old cache first; it must not resume its record there, but open the
+    cache that rank 0 creates in its place (the barrier is torchrun's in `sae harvest`)."""
+    import threading
+
+    url = str(tmp_path / "cache")
+    shape = {"d_model": D, "total_tokens": 4096, "identity": IDENTITY, "attrs": {},
+             "chunk_rows": 32, "shard_rows": 64, "world_size": 2}  # fmt: skip
+    old = [CacheWriter(url, rank=r, **shape) for r in (0, 1)]
+    append_rows(old[0], 0, old[0].target, 128)
+    append_rows(old[1], 0, 1024, 128)  # the old run stopped half-way through rank 1's rows
+    for w in old:
+        w.close()
+    with pytest.raises(SaeError, match=r"several writers .* torchrun"):
+        CacheWriter(url, rank=1, overwrite=True, **shape)
+    barrier, opened, errors = threading.Barrier(2), {}, []
+
+    def run(rank: int) -> None:
+        try:
+            if rank == 0:
+                time.sleep(0.3)  # rank 1 gets there first
+            w = CacheWriter(url, rank=rank, overwrite=True, barrier=barrier.wait, **shape)
+            opened[rank] = w.committed
+            append_rows(w, w.committed, w.target, 128)
+            w.close()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and opened == {0: 0, 1: 0}
+    cache = open_cache(url)
+    np.testing.assert_array_equal(cache.read_rows(0, 4096), rows_for(0, 4096).astype(np.float16))
+    assert not verify_cache(cache).problems

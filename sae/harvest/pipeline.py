@@ -37,7 +37,7 @@ from sae.harvest.model import (
 )
 from sae.harvest.packing import Prefetcher, StreamPos, Window, pack_windows
 from sae.harvest.text import HubSource, TextSource, open_source
-from sae.runtime import RankInfo, rank_info, resolve_device
+from sae.runtime import RankInfo, rank_info, resolve_device, torchrun_barrier
 
 # Fault injection for the resume test: SIGKILL this process once this many rows are committed.
 KILL_ENV = "SAE_HARVEST_TEST_KILL_AT_ROWS"
@@ -196,6 +196,7 @@ def run_harvest(
         overwrite=config.overwrite,
         chunk_rows=config.chunk_rows,
         shard_rows=config.shard_rows,
+        barrier=torchrun_barrier if ranks.world_size > 1 and config.overwrite else None,
     )
     start_time = time.perf_counter()
     with writer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,7 +138,11 @@ class CacheWriter:
         shard_rows: int | None = None,
         compression: str | None = None,
         wait_s: float = 600.0,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
+        """`barrier`: waits until every writer has called it. Several writers need one to
+        overwrite: rank 0 removes the old cache and creates the new one before it, the others
+        open the cache after it (otherwise one might resume its record in the old cache)."""
         if compression not in COMPRESSIONS:
             raise SaeError(f"compression {compression!r} unknown; use one of {COMPRESSIONS}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -149,7 +154,25 @@ class CacheWriter:
         self.loc = locate(url)
         self.rank = rank
         layout = make_layout(total_tokens, d_model, world_size, chunk_rows, shard_rows)
-        self.layout = self._open_or_create(layout, identity, config, compression, overwrite, wait_s)
+        if overwrite and world_size > 1:
+            if barrier is None:
+                raise SaeError(
+                    "overwriting a cache with several writers needs them to agree on when the "
+                    "old one is gone: run them under torchrun (sae harvest then does), or delete "
+                    f"{url} first and write without overwrite"
+                )
+            if rank == 0:
+                self.layout = self._open_or_create(layout, identity, config, compression, True, 0)
+                barrier()
+            else:
+                barrier()  # rank 0 has replaced the old cache: open the new one
+                self.layout = self._open_or_create(
+                    layout, identity, config, compression, False, wait_s
+                )
+        else:
+            self.layout = self._open_or_create(
+                layout, identity, config, compression, overwrite, wait_s
+            )
         self._finish_init()
 
     # --- opening -----------------------------------------------------------------------------
