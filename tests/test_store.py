@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -574,3 +575,29 @@ def test_overwrite_with_several_writers_waits_for_rank_0(tmp_path):
     cache = open_cache(url)
     np.testing.assert_array_equal(cache.read_rows(0, 4096), rows_for(0, 4096).astype(np.float16))
     assert not verify_cache(cache).problems
+
+
+@pytest.mark.parametrize("where", ["memory", "local-zstd"])
+def test_missing_shard_is_named_not_read_as_zeros(tmp_path, where):
+    """Through zarr (remote or compressed caches) a shard object that is gone would read as its
+    fill value: verify names it and reading its rows fails."""
+    from sae.store.rows import ChunkCorrupt
+
+    if where == "memory":
+        url = f"memory://gone-{uuid.uuid4().hex}"
+        write(url, 512)
+        fsspec.filesystem("memory").rm(f"/{url.removeprefix('memory://')}/activations/c/3/0")
+    else:
+        url = str(tmp_path / "cache")
+        write(url, 512, compression="zstd")
+        (tmp_path / "cache" / "activations" / "c" / "3" / "0").unlink()
+    cache = open_cache(url)
+    report = verify_cache(cache)
+    assert report.problems == [
+        "activations shard 3 is missing: its committed rows would read as zeros; "
+        "copy the cache again from its source"
+    ]
+    assert report.corrupted == [6, 7]  # its two 32-row chunks
+    np.testing.assert_array_equal(cache.read_rows(0, 192), rows_for(0, 192).astype(np.float16))
+    with pytest.raises(ChunkCorrupt, match="activation shard 3 is missing"):
+        cache.read_rows(150, 200)

@@ -77,9 +77,17 @@ class Cache:
         self.rows = (
             MmapRows(loc.local, layout, verify=verify_reads)
             if self.zero_copy and loc.local is not None
-            else ZarrRows(self.arrays[ACTIVATIONS])
+            else ZarrRows(
+                self.arrays[ACTIVATIONS],
+                layout.shard_rows,
+                self.shard_exists,
+            )
         )
         self._bos_cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def shard_exists(self, shard: int) -> bool:
+        """Whether activation shard `shard` (rows shard·shard_rows …) is in the store."""
+        return self.loc.exists(f"{ACTIVATIONS}/c/{shard}/0")
 
     def _segments(self, committed: list[int]) -> list[tuple[int, int, int]]:
         """(global start, physical start, length) for each writer with committed rows."""

@@ -11,6 +11,7 @@ import functools
 import mmap
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,31 @@ def crc32c(data: Any) -> int:
 
 
 class ZarrRows:
-    """Rows through zarr itself (remote stores, compressed caches); checksums checked by zarr."""
+    """Rows through zarr itself (remote stores, compressed caches); checksums checked by zarr.
 
-    def __init__(self, array: Any) -> None:
+    zarr reads a shard object that is not there as zeros, so each shard is looked up once (one
+    existence check per `shard_rows` rows) before its rows are trusted."""
+
+    def __init__(
+        self,
+        array: Any,
+        shard_rows: int | None = None,
+        shard_exists: Callable[[int], bool] | None = None,
+    ) -> None:
         self.array = array
+        self.shard_rows, self.shard_exists = shard_rows, shard_exists
+        self._present: set[int] = set()
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        if self.shard_exists is not None and self.shard_rows and stop > start:
+            for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
+                if shard not in self._present:
+                    if not self.shard_exists(shard):
+                        raise ChunkCorrupt(
+                            f"activation shard {shard} is missing from the cache (its committed "
+                            "rows would read as zeros); copy the cache again from its source"
+                        )
+                    self._present.add(shard)
         try:
             return self.array[start:stop]
         except ValueError as err:

@@ -42,7 +42,21 @@ def verify_cache(cache: Cache, progress: Callable[[int], None] | None = None) ->
     rows = MmapRows(cache.loc.local, lay, verify=True) if cache.zero_copy else None
     acts = cache.arrays["activations"]
     cr = lay.chunk_rows
-    for c in committed_chunks(cache):
+    chunks = committed_chunks(cache)
+    # zarr reads a missing shard object as its fill value (zeros): look for each one first
+    # (the memory-mapped path fails on a missing file by itself)
+    shards = sorted({c * cr // lay.shard_rows for c in chunks})
+    missing = set() if rows is not None else {s for s in shards if not cache.shard_exists(s)}
+    for shard in sorted(missing):
+        report.problems.append(
+            f"activations shard {shard} is missing: its committed rows would read as zeros; "
+            "copy the cache again from its source"
+        )
+    for c in chunks:
+        if c * cr // lay.shard_rows in missing:
+            report.corrupted.append(c)
+            report.chunks_checked += 1
+            continue
         try:
             if rows is not None:
                 rows.chunk(c)
