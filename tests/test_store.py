@@ -601,3 +601,32 @@ def test_missing_shard_is_named_not_read_as_zeros(tmp_path, where):
     np.testing.assert_array_equal(cache.read_rows(0, 192), rows_for(0, 192).astype(np.float16))
     with pytest.raises(ChunkCorrupt, match="activation shard 3 is missing"):
         cache.read_rows(150, 200)
+
+
+def test_creation_cut_short_is_created_over(tmp_path, monkeypatch):
+    """Killed inside create_cache (arrays made, attributes not yet written): the next run
+    creates the cache over it, with or without overwrite; anything else there is kept."""
+    from zarr.core.attributes import Attributes
+
+    url = str(tmp_path / "cache")
+    with monkeypatch.context() as patch:
+        patch.setattr(Attributes, "put", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            write(url, 256)
+    assert json.loads((tmp_path / "cache" / "zarr.json").read_text())["attributes"] == {}
+    w = write(url, 256)
+    assert w.committed == 256
+    np.testing.assert_array_equal(
+        open_cache(url).read_rows(0, 256), rows_for(0, 256).astype(np.float16)
+    )
+    # the same half-made group plus a file of someone else's is not ours to delete
+    other = tmp_path / "other"
+    with monkeypatch.context() as patch:
+        patch.setattr(Attributes, "put", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            write(str(other), 256)
+    (other / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(SaeError, match="not an sae cache"):
+            write(str(other), 256, overwrite=overwrite)
+    assert (other / "notes.txt").read_text() == "keep me"

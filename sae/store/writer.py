@@ -103,7 +103,8 @@ def create_cache(
             config={"write_empty_chunks": True},
         )
     group.create_group(WRITERS)
-    # Attributes last: a directory without them is not yet a cache, so a crash here is harmless.
+    # Attributes last: a directory without them is not yet a cache; a crash here leaves only
+    # these metadata objects, which CacheWriter recognises and creates over.
     # One write (attrs.update would write once per key and expose a half-filled group).
     group.attrs.put(root_attrs(layout, identity, config, compression))
 
@@ -188,7 +189,8 @@ class CacheWriter:
         deadline = time.monotonic() + wait_s
         if overwrite and self.rank == 0 and not self.loc.is_empty():
             meta = self.loc.read_json("zarr.json") or {}
-            if (meta.get("attributes") or {}).get("format") != FORMAT_NAME:
+            ours = (meta.get("attributes") or {}).get("format") == FORMAT_NAME
+            if not ours and not self._interrupted_creation(meta):
                 raise SaeError(
                     f"{self.loc.url} is not an sae cache; refusing to delete it for overwrite. "
                     "Pass an empty or new path"
@@ -204,6 +206,10 @@ class CacheWriter:
                     return existing
                 if not (overwrite and self.rank > 0) or time.monotonic() > deadline:
                     raise SaeError(problem)
+            elif self.rank == 0 and meta is not None and self._interrupted_creation(meta):
+                self.loc.remove_all()  # only create_cache makes such a group: start it again
+                create_cache(self.loc, layout, identity, config, compression)
+                return layout
             elif (
                 meta is not None
                 and not overwrite
@@ -227,6 +233,15 @@ class CacheWriter:
                     "rank 0 creates it: start rank 0 with the same path"
                 )
             time.sleep(0.2)
+
+    def _interrupted_creation(self, meta: dict) -> bool:
+        """A group that create_cache began and a crash cut short: no attributes yet and nothing
+        but the metadata objects create_cache writes before them (so no one else's data)."""
+        if not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("attributes"):
+            return False
+        names = ("", f"{ACTIVATIONS}/", f"{TOKEN_IDS}/", f"{POSITIONS}/", f"{WRITERS}/")
+        keys = {key.replace("\\", "/") for key, _ in self.loc.files()}
+        return keys <= {f"{name}zarr.json" for name in names}
 
     def _compare(self, existing: Layout, attrs: dict, layout: Layout, identity: dict) -> str | None:
         """Why this writer cannot continue the existing cache, or None if it can."""
