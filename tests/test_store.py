@@ -630,3 +630,86 @@ def test_creation_cut_short_is_created_over(tmp_path, monkeypatch):
         with pytest.raises(SaeError, match="not an sae cache"):
             write(str(other), 256, overwrite=overwrite)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _set_codec(meta: dict) -> None:
+    meta["codecs"][0]["configuration"]["codecs"][1] = {"name": "not-a-codec"}
+
+
+def _record_stats_nan(meta: dict) -> None:
+    meta["attributes"]["stats"]["sum_sq_norm"] = float("nan")  # json.dumps writes NaN
+
+
+DAMAGE = {  # file under the cache, its edit, what the error must say
+    "unknown codec": ("activations/zarr.json", _set_codec, "cannot open the 'activations'"),
+    "NaN in a record": ("writers/rank-00000/zarr.json", _record_stats_nan, "NaN is not a JSON"),
+    "resume rows true": (
+        "writers/rank-00000/zarr.json",
+        lambda m: m["attributes"]["resume"].update(rows=True),
+        "resume rows True",
+    ),
+    "world size 1e12": (
+        "zarr.json",
+        lambda m: m["attributes"].update(world_size=10**12),
+        "world_size=1000000000000 exceeds",
+    ),
+    "d_model 2**40": ("zarr.json", lambda m: m["attributes"].update(d_model=2**40), "d_model="),
+    "chunk rows 2**45": (
+        "zarr.json",
+        lambda m: m["attributes"].update(chunk_rows=2**45, shard_rows=2**45),
+        "chunk bytes=",
+    ),
+    "chunk rows off the grid": (
+        "zarr.json",
+        lambda m: m["attributes"].update(chunk_rows=64),
+        r"chunks \(32, 16\) .* not the \(64, 16\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_metadata_is_a_clear_error(tmp_path, damage):
+    """Metadata is untrusted input: each damage ends in an SaeError that names it (no
+    traceback from zarr or numpy, no hang, no huge allocation)."""
+    url = tmp_path / "cache"
+    write(str(url), 256)
+    key, edit, message = DAMAGE[damage]
+    _edit_json(url / key, edit)
+    with pytest.raises(SaeError, match=message):
+        open_cache(str(url)).read_rows(0, 4)
+
+
+def test_damaged_paths_and_shard_index_are_clear_errors(tmp_path):
+    from sae.store.rows import ChunkCorrupt, crc32c
+
+    odd = tmp_path / "odd"
+    (odd / "zarr.json").mkdir(parents=True)
+    with pytest.raises(SaeError, match="Is a directory"):
+        open_cache(str(odd))
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": ["format"]}'
+    )
+    with pytest.raises(SaeError, match="not an sae cache; refusing to delete"):
+        write(str(listed), 64, overwrite=True)
+    # a shard index entry whose offset + size wraps around 2**64, with a valid index checksum
+    url = tmp_path / "cache"
+    write(str(url), 256)
+    shard = url / "activations" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    inner = 64 // 32
+    index = np.frombuffer(bytes(raw[-inner * 16 - 4 : -4]), "<u8").reshape(inner, 2).copy()
+    index[0, 0] = np.uint64(2**64 - int(index[0, 1]) + 1)
+    raw[-inner * 16 - 4 : -4] = index.tobytes()
+    raw[-4:] = int(crc32c(np.frombuffer(index.tobytes(), np.uint8))).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ChunkCorrupt, match=r"index entry .* is inconsistent"):
+        open_cache(str(url)).read_rows(0, 4)
+    assert "is inconsistent" in verify_cache(open_cache(str(url))).problems[0]

@@ -61,11 +61,24 @@ class Cache:
                 raise SaeError(
                     f"{self.url} lacks the {name!r} array; the cache is incomplete"
                 ) from None
+            except Exception as err:  # bad JSON, an unknown codec: metadata from elsewhere
+                raise SaeError(
+                    f"{self.url}: cannot open the {name!r} array ({type(err).__name__}: {err}); "
+                    "its metadata is damaged or was not written by sae"
+                ) from None
             if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
                 raise SaeError(
                     f"{self.url}: array {name!r} is {arr.dtype}{tuple(arr.shape)}, expected {dtype}{shape}"
                 )
             self.arrays[name] = arr
+        grid = self.arrays[ACTIVATIONS]
+        want = ((layout.chunk_rows, layout.d_model), (layout.shard_rows, layout.d_model))
+        if (tuple(grid.chunks), tuple(grid.shards or ())) != want:
+            raise SaeError(
+                f"{self.url}: the activations' chunks {tuple(grid.chunks)} and shards "
+                f"{grid.shards} are not the {want[0]} and {want[1]} its attributes give; "
+                "the metadata is damaged"
+            )
         self.records: list[CommitRecord] = [
             read_record(loc, layout, r) for r in range(layout.world_size)
         ]

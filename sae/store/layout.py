@@ -25,6 +25,12 @@ CHUNKS_PER_SHARD = 32
 # writers never rewrite the same token chunk.
 SHARDS_PER_TOKEN_CHUNK = 16
 HELDOUT_FRACTION = 0.01
+# What a cache's metadata may claim (checked on reading: the metadata is untrusted input)
+MAX_D_MODEL = 1 << 17
+MAX_TOKENS = 1 << 48
+MAX_WRITERS = 100_000  # record keys have five digits
+MAX_CHUNK_BYTES = 1 << 30
+MAX_SHARD_BYTES = 1 << 34
 FP16_MAX = 65504.0
 
 
@@ -133,4 +139,20 @@ def layout_from_attrs(attrs: dict) -> Layout:
             raise SaeError(f"cache attribute {key}={value!r} is not a positive integer")
     if values["shard_rows"] % values["chunk_rows"]:
         raise SaeError("cache attribute shard_rows is not a multiple of chunk_rows")
+    # Sizes a reader allocates or loops over: bounded, so damaged or hostile metadata fails
+    # here instead of hanging or asking for terabytes
+    total, chunk = values["total_tokens"], values["chunk_rows"]
+    limits = (
+        ("d_model", values["d_model"], MAX_D_MODEL),
+        ("total_tokens", total, MAX_TOKENS),
+        ("world_size", values["world_size"], MAX_WRITERS),
+        ("chunk bytes", chunk * values["d_model"] * 2, MAX_CHUNK_BYTES),
+        ("shard bytes", values["shard_rows"] * values["d_model"] * 2, MAX_SHARD_BYTES),
+        ("shard_rows", values["shard_rows"], -(-total // chunk) * chunk),
+    )
+    for key, value, limit in limits:
+        if value > limit:
+            raise SaeError(
+                f"cache attribute {key}={value} exceeds {limit}; the metadata is damaged"
+            )
     return Layout(**values)

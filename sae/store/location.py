@@ -16,6 +16,11 @@ from typing import Any
 from sae.errors import SaeError
 
 
+def _reject_constant(name: str) -> float:
+    """NaN and ±Infinity are not JSON; Python's parser takes them (sae never writes them)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a cache lives: `local` is set for plain directories (enables memory-mapped reads)."""
@@ -55,9 +60,11 @@ class Location:
                 raw = fs.cat_file(f"{root.rstrip('/')}/{key}")
         except (FileNotFoundError, KeyError):
             return None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as err:
+            raise SaeError(f"cannot read {self.url}/{key}: {err.strerror}") from None
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
             raise SaeError(
                 f"{self.url}/{key} is not valid JSON ({err}); the cache is damaged"
             ) from None

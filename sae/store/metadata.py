@@ -133,7 +133,7 @@ def read_record(loc: Location, layout: Layout, rank: int) -> CommitRecord:
     resume = attrs.get("resume") or {}
     rows = resume.get("rows", 0) if isinstance(resume, dict) else 0
     state = resume.get("state") if isinstance(resume, dict) else None
-    if not isinstance(rows, int) or not 0 <= rows <= committed:
+    if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= committed:
         raise SaeError(f"{where}: resume rows {rows!r} are not within the committed rows")
     if state is not None and not isinstance(state, dict):
         raise SaeError(f"{where}: resume state is not an object")

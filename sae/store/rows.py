@@ -124,7 +124,7 @@ class MmapRows:
         lay = self.layout
         s, j = divmod(c, self.inner)
         mm, index = self._shard(s)
-        offset, nbytes = index[j]
+        offset, nbytes = (int(v) for v in index[j])  # Python ints: a huge offset cannot wrap
         want = lay.chunk_rows * lay.d_model * 2
         if offset == MAX_U64:
             raise ChunkCorrupt(f"chunk {c} is missing from shard {s}")

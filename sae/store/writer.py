@@ -189,7 +189,8 @@ class CacheWriter:
         deadline = time.monotonic() + wait_s
         if overwrite and self.rank == 0 and not self.loc.is_empty():
             meta = self.loc.read_json("zarr.json") or {}
-            ours = (meta.get("attributes") or {}).get("format") == FORMAT_NAME
+            attrs = meta.get("attributes")
+            ours = isinstance(attrs, dict) and attrs.get("format") == FORMAT_NAME
             if not ours and not self._interrupted_creation(meta):
                 raise SaeError(
                     f"{self.loc.url} is not an sae cache; refusing to delete it for overwrite. "
@@ -237,7 +238,9 @@ class CacheWriter:
     def _interrupted_creation(self, meta: dict) -> bool:
         """A group that create_cache began and a crash cut short: no attributes yet and nothing
         but the metadata objects create_cache writes before them (so no one else's data)."""
-        if not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("attributes"):
+        if not isinstance(meta, dict) or meta.get("node_type") != "group":
+            return False
+        if meta.get("attributes") not in (None, {}):
             return False
         names = ("", f"{ACTIVATIONS}/", f"{TOKEN_IDS}/", f"{POSITIONS}/", f"{WRITERS}/")
         keys = {key.replace("\\", "/") for key, _ in self.loc.files()}
