@@ -216,6 +216,4 @@ def write_shard_file(root: Path, layout: Layout, shard: int, rows: np.ndarray) -
         raw = index.tobytes()
         f.write(raw)
         f.write(np.uint32(crc32c(raw)).astype("<u4").tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the commit record that counts its rows
     os.replace(tmp, path)

@@ -8,7 +8,6 @@ rows that were not fully written.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -440,29 +439,7 @@ class CacheWriter:
             self._acts[g0:g1] = b.acts[: b.fill]
         self._tokens[g0:g1] = b.tokens[: b.fill]
         self._positions[g0:g1] = b.positions[: b.fill]
-        self._sync_local(g0, g1)
         self._commit(b.start + b.fill, b.stats)
-
-    def _sync_local(self, g0: int, g1: int) -> None:
-        """fsync what zarr wrote for rows [g0, g1) of a local cache before the (fsync'd) commit
-        record counts them, so not even a power cut leaves a record ahead of its data. (Shard
-        files of the fast path sync themselves; object stores make a PUT durable.)"""
-        root = self.loc.local
-        if root is None:
-            return
-        keys = []
-        for name, array in ((TOKEN_IDS, self._tokens), (POSITIONS, self._positions)):
-            step = array.shards[0] if array.shards else array.chunks[0]
-            keys += [f"{name}/c/{i}" for i in range(g0 // step, (g1 - 1) // step + 1)]
-        if not self._fast_shards:
-            step = self.layout.shard_rows
-            keys += [f"{ACTIVATIONS}/c/{i}/0" for i in range(g0 // step, (g1 - 1) // step + 1)]
-        for key in keys:
-            fd = os.open(root / key, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def _commit(self, committed: int, stats: RunningStats) -> None:
         rec = self._record
