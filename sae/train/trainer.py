@@ -31,6 +31,7 @@ from sae.train.model import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
 from sae.train.optim import DecoderAdam
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 # What every checkpoint holds (later additions are read with defaults, see _restore)
 CHECKPOINT_KEYS = (
     "step",
@@ -44,7 +45,6 @@ CHECKPOINT_KEYS = (
     "aux_active",
     "seconds",
 )
-SUMMARY_FILE = "summary.json"
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
@@ -443,9 +443,8 @@ class Trainer:
                 # Everything the earlier run wrote goes: its weights would otherwise load under
                 # this run's config until this run finishes, and its eval results describe them.
                 names = (METRICS_FILE, SUMMARY_FILE, EVAL_FILE, FREQUENCY_FILE, WEIGHTS_FILE)
-                for path in [self.out / n for n in (*names, CONFIG_FILE)] + [
-                    checkpoint_path(self.out)
-                ]:
+                paths = [self.out / n for n in (*names, CONFIG_FILE)]
+                for path in [*paths, checkpoint_path(self.out)]:
                     path.unlink(missing_ok=True)
                     tmp_path(path).unlink(missing_ok=True)
             atomic_write_text(self.out / CONFIG_FILE, cfg.to_json())
