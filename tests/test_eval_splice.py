@@ -54,7 +54,6 @@ def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
         sae,
         [ids[:2], ids[2:]],
         [Setting("topk", D), Setting("topk", 1)],
-        bos_id=2,
     )
     exact, lossy = rows
     assert exact["ce_increase"] == 0.0 and exact["kl"] == 0.0
@@ -66,6 +65,17 @@ def test_exact_reconstruction_gives_zero_ce_increase_and_kl() -> None:
     with torch.no_grad():
         hidden = lm(input_ids=ids[:2], output_hidden_states=True).hidden_states[layer + 1]
     assert torch.equal(sae.seen[0], hidden.reshape(-1, D))
+
+
+def test_position_0_is_left_clean_whatever_token_it_holds() -> None:
+    """As in the cache, which drops position-0 rows: a window that starts without BOS keeps its
+    first row clean, and a BOS later in a window (a document boundary) is spliced."""
+    lm = tiny_gemma(n_layers=2)
+    wrapped = wrap_lm(lm, None, 0, D, "cpu")
+    ids = torch.randint(3, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    ids[:, 7] = 2  # a BOS mid-window; position 0 holds an ordinary token
+    (row,) = splice_eval(lm, wrapped.block, exact_sae(0), [ids], [Setting("topk", 1)])
+    assert row["spliced_rows"] == 3 * 15
 
 
 def test_model_must_fit_the_sae() -> None:

@@ -148,7 +148,6 @@ def _downstream(sae, plan, model, text, gguf_file, context, text_tokens, text_ba
         sae,
         windows,
         plan.settings,
-        bos_id=getattr(lm.tokenizer, "bos_token_id", None),
     )
     if not rows or rows[0]["predictions"] == 0:
         raise SaeError(f"--text {text} gave no full window of {window} tokens; give more text")

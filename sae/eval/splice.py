@@ -8,8 +8,9 @@ next-token predictions of the given windows:
 - KL = mean over predicted positions of KL(p_clean ‖ p_spliced), in nats;
 - CE recovered = (CE(zero) − CE(spliced)) / (CE(zero) − CE(clean)), with CE(zero) the model
   with that residual stream zeroed (SAELens' "CE loss score"; 1 = as good as the clean model).
-Positions holding the BOS token are left clean: the SAE is trained without BOS rows (their norm
-is far outside the distribution), as SAELens/SAEBench evaluations also do.
+Position 0 of every window is left clean, as the cache leaves those rows out of training (the
+window's BOS or first token: its norm is far outside the distribution; SAELens/SAEBench also keep
+BOS clean). A BOS or separator later in a window is spliced: the SAE was trained on such rows.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SpliceTotals:
             "ce_zero_ablation": self.ce_zero / n,
             "ce_recovered": (self.ce_zero - self.ce_spliced) / gap if gap > 0 else None,
             "predictions": self.predictions,
+            "spliced_rows": self.spliced_rows,
         }
 
 
@@ -107,8 +109,6 @@ def splice_eval(
     sae,
     windows: Iterable[torch.Tensor],
     settings: list[Setting],
-    *,
-    bos_id: int | None,
 ) -> list[dict]:
     """CE increase and KL of `lm` with `block`'s output replaced, for each setting.
 
@@ -121,7 +121,8 @@ def splice_eval(
         targets = ids[:, 1:]
         clean = _log_probs(lm, ids)
         ce_clean = float(-clean.gather(-1, targets.unsqueeze(-1)).double().sum())
-        keep = ids == bos_id if bos_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[:, 0] = True  # the rows the cache drops (position 0), whatever token they hold
         ce_zero = _spliced_ce(lm, block, sae, ids, keep, targets)
         p_clean = clean.exp()
         for setting in settings:
