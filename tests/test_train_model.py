@@ -74,3 +74,40 @@ def test_load_errors(tmp_path):
         load_sae(tmp_path)
     with pytest.raises(SaeError, match="larger than the dictionary"):
         SAEConfig(d_model=8, n_latents=16, k=32, arch="topk").validate()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ({"n_latents": 10**12}, "does not match"),  # checked before anything is allocated
+        ({"d_model": 10**13}, "does not match"),
+    ],
+)
+def test_config_claiming_huge_sizes_is_refused_before_allocating(tmp_path, damage, message):
+    _sae().save(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text()) | damage
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(SaeError, match=message):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("W_enc", float("nan"), "W_enc holds NaN or infinite values"),
+        ("b_dec", float("inf"), "b_dec holds NaN or infinite values"),
+        ("W_dec", None, "W_dec is torch.int32, not a floating-point tensor"),
+    ],
+)
+def test_weights_from_elsewhere_must_be_finite_floats(tmp_path, name, bad, message):
+    from safetensors.torch import save_file
+
+    tensors = {k: v.clone() for k, v in _sae().state_dict().items()}
+    if bad is None:
+        tensors[name] = tensors[name].to(torch.int32)
+    else:
+        tensors[name].view(-1)[0] = bad
+    _sae().save(tmp_path)
+    save_file(tensors, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(SaeError, match=message):
+        load_sae(tmp_path)

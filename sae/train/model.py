@@ -205,7 +205,7 @@ class SparseAutoencoder(nn.Module):
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Load an SAE directory (config.json + sae.safetensors); SaeError if it is not one."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     directory = Path(path)
@@ -224,17 +224,29 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     if not isinstance(data, dict):
         raise SaeError(f"{config_path} does not hold a JSON object")
     cfg = SAEConfig.from_dict(data)
-    sae = SparseAutoencoder(cfg)
+    # Shapes from the file's header against the config before anything is allocated (a config
+    # from elsewhere may claim any size), then dtypes and values: weights are untrusted too.
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in SparseAutoencoder(cfg).state_dict().items()}
     try:
-        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as header:
+            found = {name: tuple(header.get_slice(name).get_shape()) for name in header.keys()}  # noqa: SIM118
     except (OSError, SafetensorError) as err:
         raise SaeError(f"cannot read {weights_path}: {err}") from None
-    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found:
         raise SaeError(
             f"{weights_path} does not match {config_path}: expected tensors {expected}, "
             f"found {found}"
         )
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, SafetensorError) as err:
+        raise SaeError(f"cannot read {weights_path}: {err}") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise SaeError(f"{weights_path}: {name} is {t.dtype}, not a floating-point tensor")
+        if not torch.isfinite(t).all():
+            raise SaeError(f"{weights_path}: {name} holds NaN or infinite values")
+    sae = SparseAutoencoder(cfg)
     sae.load_state_dict({name: t.float() for name, t in tensors.items()})
     return sae.to(device)
