@@ -32,6 +32,9 @@ from sae.train.optim import DecoderAdam
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+# AuxK is switched on and off by looking for dead latents this many times per dead window
+# (--dead-tokens): a latent is dead after that many tokens without firing.
+AUX_CHECKS_PER_DEAD_WINDOW = 8
 # What every checkpoint holds (later additions are read with defaults, see _restore)
 CHECKPOINT_KEYS = (
     "step",
@@ -407,6 +410,12 @@ class Trainer:
         self.last_good_step = self.step
         ddp.barrier(self.info)
 
+    @property
+    def aux_check_every(self) -> int:
+        """Steps between looking for dead latents (AuxK runs while there are some): a fixed
+        fraction of the dead window, so how often a run logs never changes how it trains."""
+        return max(1, self.cfg.dead_tokens // (self.cfg.batch * AUX_CHECKS_PER_DEAD_WINDOW))
+
     def _logged_heldout(self, step: int) -> bool:
         path = self.out / METRICS_FILE
         if not path.exists():
@@ -465,10 +474,11 @@ class Trainer:
             while self.step < cfg.steps:
                 x = next(self.stream)
                 fwd = self.train_step(x)
+                if self.step % self.aux_check_every == 0:  # a sync: not every step
+                    self.aux_active = bool((self.since_fired >= cfg.dead_tokens).any())
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._check_finite()
                     last = self.last_metrics = self.batch_metrics(fwd)
-                    self.aux_active = last["dead"] > 0
                     elapsed = time.perf_counter() - self.t0
                     rate = (self.step - start_step) * cfg.batch / max(elapsed, 1e-9)
                     self._log(
