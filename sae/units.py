@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 from sae.errors import SaeError
 
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_LARGEST = Decimal(10) ** 30  # far beyond any token count; keeps 1e400 from meaning anything
 _PATTERN = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9]+)?)\s*([KkMmBbGgTt]?)\s*$")
 
 
@@ -19,9 +21,11 @@ def parse_count(text: str | int | float, *, name: str = "count", allow_zero: boo
     if isinstance(text, bool):
         raise SaeError(f"{name}: expected a count, got {text!r}")
     if isinstance(text, int):
-        value: float = text
+        value: Decimal = Decimal(text)
     elif isinstance(text, float):
-        value = text
+        if not math.isfinite(text):
+            raise SaeError(f"{name}: {text!r} is not a finite number")
+        value = Decimal(text)
     else:
         match = _PATTERN.match(text)
         if match is None:
@@ -31,9 +35,10 @@ def parse_count(text: str | int | float, *, name: str = "count", allow_zero: boo
         number, suffix = match.groups()
         if number.startswith("_") or "__" in number or number.endswith("_"):
             raise SaeError(f"{name}: misplaced underscore in {text!r}; write it like 1_000_000")
-        value = float(number.replace("_", "")) * _SUFFIXES[suffix.upper()]
-    if not math.isfinite(value):
-        raise SaeError(f"{name}: {text!r} is not a finite number")
+        # Decimal, not float: 1.001K is exactly 1001 (as a float product it is 1000.9999…)
+        value = Decimal(number.replace("_", "")) * _SUFFIXES[suffix.upper()]
+    if value > _LARGEST:
+        raise SaeError(f"{name}: {text!r} is too large")
     if value < 0 or (value == 0 and not allow_zero):
         raise SaeError(f"{name}: must be positive, got {text!r}")
     if value != int(value):

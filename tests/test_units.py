@@ -18,6 +18,9 @@ from sae.units import format_bytes, format_count, parse_count
         ("2.5e6", 2_500_000),
         (7, 7),
         (1e3, 1000),
+        ("1.001K", 1001),  # exact: as a float product these came out just below the integer
+        ("1.000001M", 1_000_001),
+        ("0.1K", 100),
     ],
 )
 def test_parse_count_accepts_researcher_forms(text, expected):
@@ -33,7 +36,9 @@ def test_parse_count_accepts_researcher_forms(text, expected):
         ("1.5", "not a whole number"),
         ("0", "must be positive"),
         ("1__000", "underscore"),
-        ("1e999", "not a finite"),
+        ("1e999", "too large"),
+        ("1.0005K", "not a whole number"),
+        (float("inf"), "not a finite"),
         ("5X", "cannot read"),
     ],
 )

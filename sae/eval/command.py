@@ -98,7 +98,7 @@ def eval_command(
             cache,
             plan,
             run=run,
-            tokens=parse_count(tokens),
+            tokens=parse_count(tokens, name="--tokens"),
             batch=batch,
             device=dev,
             any_model=any_model,
@@ -140,7 +140,12 @@ def _downstream(sae, plan, model, text, gguf_file, context, text_tokens, text_ba
     sae.to(lm.device)
     window = context or cfg.context or 128
     windows = text_windows(
-        text, lm.tokenizer, window, parse_count(text_tokens), text_batch, lm.device
+        text,
+        lm.tokenizer,
+        window,
+        parse_count(text_tokens, name="--text-tokens"),
+        text_batch,
+        lm.device,
     )
     rows = splice_eval(
         lm.model,
