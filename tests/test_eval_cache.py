@@ -130,6 +130,11 @@ def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url) -> No
     assert run_cli([*eval_args, "--device", "cpu"]) == 0
     row = json.loads((tmp_path / "eval.json").read_text())["results"][0]
     assert row["fvu"] == pytest.approx(summary["fvu"], rel=1e-4)
+    # frequencies beside a --out elsewhere are named after it, so runs evaluated into one
+    # folder keep their own; the run's own file is for its own eval.json
+    assert (tmp_path / "eval.latent_frequency.safetensors").is_file()
+    assert not (tmp_path / "latent_frequency.safetensors").exists()
+    assert run_cli([*eval_args[:-1], str(tmp_path), "--device", "cpu"]) == 2  # a directory
     assert (row["l0"], row["dead"]) == (summary["l0"], summary["dead"])
     assert run_cli(["export", run, str(tmp_path / "ours"), "--format", "sae"]) == 0
     x = torch.randn(8, D)

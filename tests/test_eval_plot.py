@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -96,3 +97,26 @@ def test_downstream_merges_into_eval_json_and_plots(tmp_path) -> None:
         main(["plot", run, "--out", str(out)])
     assert exit_info.value.code in (0, None)
     assert png_size(out) == (1500, 900)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"sae": {}, "results": []}, "sae.arch or sae.k is missing"),
+        ({"sae": {"arch": "topk", "k": 4}, "results": [3]}, r"results\[0\] is not a result row"),
+        ({"sae": {"arch": "topk", "k": 4}, "results": [{"mode": "topk"}]}, "lacks one of mode"),
+        (
+            {"sae": {"arch": "topk", "k": 4}, "results": [],
+             "histograms": {"log10_frequency": {"edges": [0, 1], "counts": [1, 2, 3]}}},
+            "3 counts for 2 edges",
+        ),
+    ],
+)  # fmt: skip
+def test_plot_refuses_a_damaged_eval_json(tmp_path, doc, message) -> None:
+    from sae.errors import SaeError
+    from sae.eval.pipeline import read_eval
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SaeError, match=message):
+        read_eval(path)

@@ -99,6 +99,24 @@ def test_native_export_loads_back_identically(tmp_path, arch: str) -> None:
     assert back.cfg == sae.cfg
 
 
+def test_native_export_over_another_drops_its_eval_results(tmp_path) -> None:
+    """--overwrite replaces an SAE: eval results of the one replaced must not stay beside it
+    (a later SAELens export would attach its frequencies as this one's sparsity)."""
+    from sae.eval.frequency import FREQUENCY_FILE
+
+    a, run_a = saved_run(tmp_path, "hierarchical")
+    export(run_a, tmp_path / "ours", "--format", "sae")
+    evaluated(str(tmp_path / "ours"), a, "hierarchical")
+    (tmp_path / "ours" / "eval.json").write_text("{}")
+    _, run_b = saved_run(tmp_path, "batchtopk")
+    export(run_b, tmp_path / "ours", "--format", "sae", "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "config.json",
+        "sae.safetensors",
+    ]
+    assert not (tmp_path / "ours" / FREQUENCY_FILE).exists()
+
+
 def test_native_export_with_k_sets_the_default_budget(tmp_path) -> None:
     sae, run = saved_run(tmp_path, "hierarchical")
     export(run, tmp_path / "k3", "--format", "sae", "--k", "3")

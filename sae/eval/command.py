@@ -83,6 +83,9 @@ def eval_command(
     if batch < 1 or text_batch < 1:
         raise SaeError("--batch and --text-batch must be >= 1")
     ks = parse_ks(k)
+    path = Path(out) if out else Path(run) / EVAL_FILE
+    if path.is_dir():  # found out now, not after the evaluation has run
+        raise SaeError(f"--out {path} is a directory; give the JSON file to write")
     sae = load_sae(run)
     dev = _device(device)
     sae = sae.to(dev)
@@ -108,14 +111,19 @@ def eval_command(
         doc |= _downstream(
             sae, plan, model, text, gguf_file, context, text_tokens, text_batch, device, dtype
         )
-    path = Path(out) if out else Path(run) / EVAL_FILE
     doc = merge_previous(doc, path)
-    write_json(doc, path)
+    try:
+        write_json(doc, path)
+    except OSError as err:
+        raise SaeError(f"cannot write --out {path}: {err.strerror}") from None
     if result is not None:
-        from sae.eval.frequency import FREQUENCY_FILE, write_frequencies
+        from sae.eval.frequency import frequency_path, write_frequencies
 
-        # Next to eval.json: `sae export` turns the matching setting into SAELens' sparsity file.
-        write_frequencies(result.frequencies, path.with_name(FREQUENCY_FILE), tokens=result.n_rows)
+        # RUN/latent_frequency.safetensors beside RUN/eval.json (`sae export` turns it into
+        # SAELens' sparsity file); beside another --out it is named after that file, so two
+        # runs evaluated into one folder keep theirs apart.
+        default = path == Path(run) / EVAL_FILE
+        write_frequencies(result.frequencies, frequency_path(path, default), tokens=result.n_rows)
     print_report(doc)
     typer.echo(f"wrote {path}")
 

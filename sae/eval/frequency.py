@@ -18,6 +18,13 @@ from sae.errors import SaeError
 FREQUENCY_FILE = "latent_frequency.safetensors"
 
 
+def frequency_path(eval_json: Path, default: bool) -> Path:
+    """Where the frequencies of an eval written to `eval_json` go: the run's own file for its
+    default eval.json, else one named after the JSON (results/a.json -> results/a.FREQUENCY_FILE)."""
+    name = FREQUENCY_FILE if default else f"{eval_json.stem}.{FREQUENCY_FILE}"
+    return eval_json.with_name(name)
+
+
 def write_frequencies(freqs: dict[str, torch.Tensor], path: str | Path, *, tokens: int) -> Path:
     """Write {setting label: (F,) frequency} atomically (a reader never sees half a file)."""
     from safetensors.torch import save_file

@@ -216,7 +216,52 @@ def read_eval(path: str | Path) -> dict:
         raise SaeError(f"{path} is not an eval.json written by `sae eval`")
     if not isinstance(doc.get("results"), list):
         raise SaeError(f"{path} has no results list; rerun `sae eval`")
+    problem = _unplottable(doc)
+    if problem:
+        raise SaeError(f"{path}: {problem}; it was not written by `sae eval` (rerun it)")
     return doc
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _unplottable(doc: dict) -> str | None:
+    """What in an eval.json the report and plots could not read (it may come from elsewhere)."""
+    sae = doc["sae"]
+    if not isinstance(sae.get("arch"), str) or not (
+        sae["arch"] == "jumprelu" or _number(sae.get("k"))
+    ):
+        return "sae.arch or sae.k is missing"
+    for i, row in enumerate(doc["results"]):
+        fields = ("l0", "fvu", "ev", "mse", "dead", "almost_dead")
+        if not isinstance(row, dict) or row.get("mode") not in ("topk", "threshold"):
+            return f"results[{i}] is not a result row"
+        if not all(_number(row.get(key)) for key in fields) or not (
+            row["mode"] == "threshold" or _number(row.get("k"))
+        ):
+            return f"results[{i}] lacks one of mode, k, {', '.join(fields)}"
+    for i, row in enumerate(doc.get("downstream") or []):
+        if not isinstance(row, dict) or not all(
+            _number(row.get(key)) for key in ("l0", "ce_increase")
+        ):
+            return f"downstream[{i}] lacks l0 or ce_increase"
+    histograms = doc.get("histograms") or {}
+    if not isinstance(histograms, dict):
+        return "histograms is not an object"
+    for key, hist in histograms.items():
+        if not hist:
+            continue
+        edges = hist.get("edges") if isinstance(hist, dict) else None
+        counts = hist.get("counts") if isinstance(hist, dict) else None
+        if not (isinstance(edges, list) and isinstance(counts, list)):
+            return f"histogram {key} lacks edges or counts"
+        if len(edges) != len(counts) + 1 or not all(map(_number, [*edges, *counts])):
+            return f"histogram {key} has {len(counts)} counts for {len(edges)} edges"
+    cosine = doc.get("rank_cosine") or []
+    if not isinstance(cosine, list) or not all(c is None or _number(c) for c in cosine):
+        return "rank_cosine is not a list of numbers"
+    return None
 
 
 def print_report(doc: dict, console=None) -> None:

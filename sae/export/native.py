@@ -17,5 +17,10 @@ def write_native(sae, out: str | Path, *, k: int | None = None) -> Path:
             raise SaeError(f"--k must be between 1 and {sae.cfg.n_latents}, got {k}")
         sae = copy.deepcopy(sae)
         sae.cfg.k = int(k)
+    from sae.eval.frequency import FREQUENCY_FILE
+    from sae.eval.pipeline import EVAL_FILE
+
+    for name in (EVAL_FILE, FREQUENCY_FILE):  # results of an SAE this one replaces (--overwrite)
+        (Path(out) / name).unlink(missing_ok=True)
     sae.save(out)
     return Path(out)
