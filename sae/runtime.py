@@ -61,11 +61,19 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaeError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise SaeError(
             f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N"
         ) from None
+    try:  # a valid name is not a usable device (mps on Linux, cuda:7 on a 1-GPU machine)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SaeError(
+            f"--device {device}: not usable here ({first}); use auto, cpu or cuda"
+        ) from None
+    return resolved
 
 
 def torchrun_barrier() -> None:

@@ -151,6 +151,28 @@ def test_missing_text_column_is_clear(tmp_path):
         list(open_source(str(tmp_path / "b.parquet"), None, "train", "text").documents())
 
 
+def test_damaged_local_files_are_clear(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + b'\xe9"}\n')
+    with pytest.raises(SaeError, match="line 1: not UTF-8 text"):
+        list(open_source(str(tmp_path / "latin1.jsonl"), None, "train", "text").documents())
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really a parquet file")
+    with pytest.raises(SaeError, match="not a readable parquet file"):
+        list(open_source(str(tmp_path / "bad.parquet"), None, "train", "text").documents())
+
+
+def test_context_longer_than_the_model_takes(tiny, tmp_path):
+    from sae.harvest.config import HarvestConfig
+    from sae.harvest.pipeline import run_harvest
+
+    lm = load_layer_model(tiny, 0, device=CPU, dtype=torch.float32)
+    assert lm.max_positions is not None
+    config = HarvestConfig(model=tiny, layer=0, tokens=64, out=str(tmp_path / "cache"),
+                           dataset="python-docs", context=lm.max_positions + 1, device="cpu")  # fmt: skip
+    with pytest.raises(SaeError, match=f"--context {lm.max_positions + 1} is longer than the"):
+        run_harvest(config, lm=lm)
+    assert not (tmp_path / "cache").exists()  # refused before the cache is created
+
+
 def test_bad_local_paths_are_clear(tmp_path):
     with pytest.raises(SaeError, match="no such file or folder"):
         open_source(str(tmp_path / "missing.jsonl"), None, "train", "text")

@@ -47,3 +47,5 @@ def test_devices_without_a_gpu():
         resolve_device("cuda:1")
     with pytest.raises(SaeError, match="not a device; use auto, cpu, cuda or cuda:N"):
         resolve_device("tpu9")
+    with pytest.raises(SaeError, match="--device mps: not usable here"):
+        resolve_device("mps")  # a valid device name, but no such device on this machine

@@ -713,3 +713,13 @@ def test_damaged_paths_and_shard_index_are_clear_errors(tmp_path):
     with pytest.raises(ChunkCorrupt, match=r"index entry .* is inconsistent"):
         open_cache(str(url)).read_rows(0, 4)
     assert "is inconsistent" in verify_cache(open_cache(str(url))).problems[0]
+
+
+def test_cache_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SaeError, match=r"afile/cache/zarr\.json: Not a directory"):
+        write(str(tmp_path / "afile" / "cache"), 64)
+    assert (tmp_path / "afile").read_text() == "mine"
+    if Path("/proc/self").is_dir():  # nothing can be created under /proc, even by root
+        with pytest.raises(SaeError, match="cannot create a cache at /proc/no-cache-here"):
+            write("/proc/no-cache-here", 64)

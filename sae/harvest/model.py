@@ -127,6 +127,7 @@ class LayerModel:
     d_model: int
     device: torch.device
     dtype: torch.dtype
+    max_positions: int | None = None  # the longest input its config allows (None: unknown)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -196,4 +197,8 @@ def cut_at_layer(lm: torch.nn.Module, layer: int, *, device: torch.device) -> La
     lm.eval().requires_grad_(False)
     lm.to(device)
     dtype = next(lm.parameters()).dtype
-    return LayerModel(lm, layer, n_layers, int(text_config.hidden_size), device, dtype)
+    limit = getattr(text_config, "n_positions", None) or getattr(
+        text_config, "max_position_embeddings", None
+    )
+    limit = limit if isinstance(limit, int) and limit > 0 else None
+    return LayerModel(lm, layer, n_layers, int(text_config.hidden_size), device, dtype, limit)

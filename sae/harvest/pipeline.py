@@ -167,6 +167,12 @@ def run_harvest(
         lm = load_layer_model(
             config.model, config.layer, device=device, dtype=dtype, revision=config.revision
         )
+    limit = getattr(lm, "max_positions", None)
+    if limit is not None and config.context > limit:
+        raise SaeError(
+            f"--context {config.context} is longer than the {limit} positions {config.model} "
+            f"takes; use --context {limit} or less"
+        )
     check_source_has_text(source)
 
     identity = config.identity(

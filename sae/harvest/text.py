@@ -128,9 +128,7 @@ class LocalFilesSource:
         if file.suffix == ".txt":
             return 1
         if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(file).metadata.num_rows
+            return _parquet(file).metadata.num_rows
         with file.open("rb") as handle:
             return sum(1 for line in handle if line.strip())
 
@@ -156,24 +154,37 @@ class LocalFilesSource:
             yield from self._jsonl_texts(file)
 
     def _parquet_texts(self, file: Path) -> Iterator[str]:
-        import pyarrow.parquet as pq
+        import pyarrow
 
-        parquet = pq.ParquetFile(file)
+        parquet = _parquet(file)
         names = parquet.schema_arrow.names
         if self.text_column not in names:
             raise SaeError(
                 f"{file}: no column {self.text_column!r} (columns: {', '.join(names)}); "
                 "pass the right one with --text-column"
             )
-        for batch in parquet.iter_batches(columns=[self.text_column], batch_size=1024):
+        batches = parquet.iter_batches(columns=[self.text_column], batch_size=1024)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except pyarrow.ArrowException as err:
+                raise SaeError(f"{file}: a damaged parquet file ({err})") from None
             for value in batch.column(0).to_pylist():
                 yield value if isinstance(value, str) else ""
 
     def _jsonl_texts(self, file: Path) -> Iterator[str]:
-        with file.open("r", encoding="utf-8") as handle:
+        with file.open("rb") as handle:
             line_no = 0
-            for line in handle:
+            for raw in handle:
                 line_no += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SaeError(
+                        f"{file} line {line_no}: not UTF-8 text; JSON lines must be UTF-8"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -188,6 +199,17 @@ class LocalFilesSource:
                     )
                 value = row[self.text_column]
                 yield value if isinstance(value, str) else ""
+
+
+def _parquet(file: Path):
+    """The file as a pyarrow ParquetFile; SaeError when it is not one."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise SaeError(f"{file}: not a readable parquet file ({err})") from None
 
 
 # --------------------------------------------------------------------------------------------

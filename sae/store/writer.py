@@ -77,8 +77,11 @@ def create_cache(
     import zarr
     from zarr.codecs import Crc32cCodec
 
-    store = loc.store()
-    group = zarr.open_group(store, mode="w")
+    try:
+        store = loc.store()
+        group = zarr.open_group(store, mode="w")
+    except OSError as err:
+        raise SaeError(f"cannot create a cache at {loc.url}: {err}") from None
     d = layout.d_model
     group.create_array(
         ACTIVATIONS,
