@@ -150,20 +150,16 @@ def test_how_often_a_run_logs_does_not_change_how_it_trains(tmp_path, monkeypatc
     auxk = trainer.auxk_loss
     monkeypatch.setattr(trainer, "auxk_loss", lambda *a, **k: calls.append(1) or auxk(*a, **k))
     runs = {}
-    # The CPU reference's gather backward (index_put with accumulate) adds in thread order
-    # unless deterministic algorithms are asked for; the comparison below is bitwise.
-    torch.use_deterministic_algorithms(True)
-    try:
-        for log_every in (1, 1000):
-            out = tmp_path / f"log{log_every}"
-            options = {"k": ACTIVE, "n_latents": 512, "batch": 256, "dead_tokens": 512}
-            cfg = TrainConfig(cache="memory", out=str(out), log_every=log_every, eval_every=0,
-                              progress=False, device="cpu", arch="topk", **options)  # fmt: skip
-            calls.clear()
-            train(cfg, TensorSource(rows, rows[:256]))
-            runs[log_every] = (load_sae(out), len(calls))
-    finally:
-        torch.use_deterministic_algorithms(False)
+    for log_every in (1, 1000):  # deterministic: bitwise-repeatable on the CPU too
+        out = tmp_path / f"log{log_every}"
+        options = {"k": ACTIVE, "n_latents": 512, "batch": 256, "dead_tokens": 512}
+        cfg = TrainConfig(cache="memory", out=str(out), log_every=log_every, eval_every=0,
+                          progress=False, device="cpu", arch="topk", deterministic=True,
+                          **options)  # fmt: skip
+        calls.clear()
+        train(cfg, TensorSource(rows, rows[:256]))
+        runs[log_every] = (load_sae(out), len(calls))
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
     (a, calls_a), (b, calls_b) = runs[1], runs[1000]
     assert calls_a == calls_b > 0  # AuxK ran, on the same steps
     for name, tensor in a.state_dict().items():

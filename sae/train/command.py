@@ -56,7 +56,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     deterministic: bool = typer.Option(
-        False, "--deterministic", help="Bitwise-repeatable GPU kernels (a little slower)."
+        False, "--deterministic", help="Bitwise-repeatable runs (GPU kernels a little slower)."
     ),
     read_workers: int = typer.Option(
         1,

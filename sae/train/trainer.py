@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -561,12 +563,28 @@ def train(cfg: TrainConfig, source: DataSource | None = None) -> dict:
     """Run `sae train` for this process (one rank under torchrun); returns the summary."""
     cfg.validate_options()
     device = resolve_device(cfg.device)
-    with ddp.joined(str(device)) as info:
+    cpu_deterministic = cfg.deterministic and device.type == "cpu"
+    with ddp.joined(str(device)) as info, _deterministic_algorithms(cpu_deterministic):
         if source is None:
             source = CacheSource(cfg.cache, read_workers=cfg.read_workers)
         torch.manual_seed(cfg.seed + info.rank)
         trainer = Trainer(cfg, source, info, device)
         return trainer.run()
+
+
+@contextmanager
+def _deterministic_algorithms(wanted: bool) -> Iterator[None]:
+    """--deterministic on the CPU: PyTorch's deterministic algorithms while this run trains.
+    The CPU reference's gather backward (index_put with accumulate) otherwise adds in thread
+    order; on CUDA our kernels take the flag themselves."""
+    if not wanted or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 __all__ = ["Trainer", "geometric_median", "lr_at", "train"]
