@@ -110,6 +110,12 @@ def test_cli_train_writes_run_directory(tmp_path, planted):
     }
     bad = CliRunner().invoke(app, [*args[:5], "--k", "500", "--latents", "128", "--overwrite"])
     assert "--k 500 is larger than the dictionary (128 latents)" in str(bad.exception)
+    # options this arch does not use are said, and the run goes on
+    noted = CliRunner().invoke(
+        app, [*args, "--arch", "topk", "--loss-every", "4", "--l0-coef", "0.5", "--overwrite"]
+    )
+    assert noted.exit_code == 0, noted.output
+    assert "note: --arch topk does not use --loss-every, --l0-coef" in noted.stderr
 
 
 def test_training_never_reads_heldout_rows(tmp_path):

@@ -218,3 +218,13 @@ def test_cache_that_does_not_say_its_layer_or_context(tmp_path):
     train(_config(tmp_path / "run", cache=str(url), tokens=64 * 2))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["layer"], saved["context"], saved["model"]) == (-1, 0, "planted")
+
+
+def test_options_the_arch_does_not_use_are_named():
+    config = lambda **kw: TrainConfig(cache="c", out="o", **kw)
+    assert config(arch="topk", loss_every=4, l0_coef=0.5).ignored_options() == [
+        "--loss-every",
+        "--l0-coef",
+    ]
+    assert config(arch="hierarchical", loss_every=4).ignored_options() == []
+    assert config(arch="jumprelu", k=0, l0_coef=0.5, aux_k=8).ignored_options() == ["--aux-k"]

@@ -116,6 +116,9 @@ def train(
         adam_state=adam_state,
         read_workers=read_workers,
     )
+    ignored = cfg.ignored_options()
+    if ignored and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"note: --arch {cfg.arch} does not use {', '.join(ignored)}", err=True)
     summary = run_training(cfg)
     keys = ("steps", "tokens", "fvu", "l0", "dead", "tokens_per_s")
     if os.environ.get("RANK", "0") == "0":  # one summary line per job, not per rank

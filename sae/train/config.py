@@ -144,6 +144,23 @@ class TrainConfig:
         if not 0 <= self.theta_momentum < 1:
             raise SaeError(f"theta_momentum must be in [0, 1), got {self.theta_momentum}")
 
+    def ignored_options(self) -> list[str]:
+        """Options set away from their defaults that this arch does not use (said, not refused:
+        a sweep may pass one set of flags to every arch)."""
+        default = TrainConfig(cache="", out="")
+        unused = {
+            "--loss-every": ("loss_every", self.arch != "hierarchical"),
+            "--l0-coef": ("l0_coef", self.arch != "jumprelu"),
+            "--bandwidth": ("jumprelu_bandwidth", self.arch != "jumprelu"),
+            "--aux-k": ("aux_k", self.arch not in TOPK_FAMILY),
+            "--aux-coef": ("aux_coef", self.arch not in TOPK_FAMILY),
+        }
+        return [
+            flag
+            for flag, (name, unused_here) in unused.items()
+            if unused_here and getattr(self, name) != getattr(default, name)
+        ]
+
     def resolve_latents(self, d_model: int) -> int:
         """Dictionary size from --latents, --expansion or the default 65536."""
         if self.n_latents is not None:
