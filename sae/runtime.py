@@ -76,13 +76,26 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def init_torchrun_group(backend: str) -> None:
+    """init_process_group from torchrun's environment, after importing torch._dynamo.
+
+    Imported while a group exists (the optimizer's first step imports it), torch._dynamo keeps
+    references to that group which destroy_process_group does not drop, so the group and its
+    gloo threads live on until interpreter shutdown, where tearing them down aborts now and then
+    (SIGABRT, "terminate called without an active exception")."""
+    import importlib
+
+    import torch.distributed as dist
+
+    importlib.import_module("torch._dynamo")
+    dist.init_process_group(backend)
+
+
 def torchrun_barrier() -> None:
     """Wait once for every torchrun rank: a gloo group joined and left around one barrier.
 
     For the rare point where ranks that otherwise need no process group must agree (harvest's
     --overwrite: nobody opens the cache until rank 0 has replaced it)."""
-    import importlib
-
     import torch.distributed as dist
 
     if not (dist.is_available() and os.environ.get("MASTER_ADDR")):
@@ -90,8 +103,7 @@ def torchrun_barrier() -> None:
             "several ranks must agree here, which needs torchrun's MASTER_ADDR/MASTER_PORT; "
             "launch with torchrun"
         )
-    importlib.import_module("torch._dynamo")  # before the group: see sae.train.distributed
-    dist.init_process_group("gloo")
+    init_torchrun_group("gloo")
     try:
         dist.barrier()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_eval_refuses_what_is_not_an_sae(tmp_path, cache_url, capsys) -> None:
     assert "does not match" in capsys.readouterr().err
 
 
-def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url) -> None:
+def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url, capsys) -> None:
     """`sae train` → `sae eval` at the training k gives the trainer's held-out FVU; exports load."""
     from sae import load
 
@@ -134,7 +135,14 @@ def test_trained_run_eval_matches_trainer_and_exports(tmp_path, cache_url) -> No
     # folder keep their own; the run's own file is for its own eval.json
     assert (tmp_path / "eval.latent_frequency.safetensors").is_file()
     assert not (tmp_path / "latent_frequency.safetensors").exists()
-    assert run_cli([*eval_args[:-1], str(tmp_path), "--device", "cpu"]) == 2  # a directory
+    capsys.readouterr()
+    assert run_cli([*eval_args[:-1], str(tmp_path), "--device", "cpu"]) == 2
+    assert (
+        f"--out {tmp_path} is a directory; give the JSON file to write" in capsys.readouterr().err
+    )
+    if Path("/proc/self").is_dir():  # nothing can be created under /proc, even by root
+        assert run_cli([*eval_args[:-1], "/proc/no-eval/eval.json", "--device", "cpu"]) == 2
+        assert "cannot write --out /proc/no-eval/eval.json" in capsys.readouterr().err
     assert (row["l0"], row["dead"]) == (summary["l0"], summary["dead"])
     assert run_cli(["export", run, str(tmp_path / "ours"), "--format", "sae"]) == 0
     x = torch.randn(8, D)

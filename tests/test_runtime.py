@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.errors import SaeError
-from sae.runtime import RankInfo, rank_info, resolve_device
+from sae.runtime import RankInfo, rank_info, resolve_device, torchrun_barrier
 
 
 def test_plain_run_is_rank_0_of_1(monkeypatch):
@@ -49,3 +49,9 @@ def test_devices_without_a_gpu():
         resolve_device("tpu9")
     with pytest.raises(SaeError, match="--device mps: not usable here"):
         resolve_device("mps")  # a valid device name, but no such device on this machine
+
+
+def test_barrier_outside_torchrun_says_to_use_it(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(SaeError, match="needs torchrun's MASTER_ADDR/MASTER_PORT; launch with"):
+        torchrun_barrier()

@@ -176,6 +176,9 @@ def test_out_that_is_a_file(tmp_path):
     with pytest.raises(SaeError, match=r"cannot be created: .*afile is a file"):
         train(_config(afile / "run"), _source())
     assert afile.read_text() == "mine"
+    if Path("/proc/self").is_dir():  # nothing can be created under /proc, even by root
+        with pytest.raises(SaeError, match="cannot create --out /proc/no-run-here: "):
+            train(_config(Path("/proc/no-run-here")), _source())
 
 
 @pytest.mark.parametrize(
@@ -185,6 +188,7 @@ def test_out_that_is_a_file(tmp_path):
         ("l0_coef", -1.0, "--l0-coef"),
         ("jumprelu_bandwidth", 0.0, "--bandwidth"),
         ("jumprelu_bandwidth", float("inf"), "--bandwidth"),
+        ("jumprelu_init_threshold", -1.0, "jumprelu_init_threshold"),
     ],
 )
 def test_coefficients_must_be_finite(tmp_path, option, value, flag):
@@ -228,3 +232,9 @@ def test_options_the_arch_does_not_use_are_named():
     ]
     assert config(arch="hierarchical", loss_every=4).ignored_options() == []
     assert config(arch="jumprelu", k=0, l0_coef=0.5, aux_k=8).ignored_options() == ["--aux-k"]
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.5, float("nan")])
+def test_theta_momentum_is_a_fraction(tmp_path, momentum):
+    with pytest.raises(SaeError, match=r"theta_momentum must be in \[0, 1\)"):
+        train(_config(tmp_path / "run", arch="batchtopk", theta_momentum=momentum), _source())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sae.atomic import atomic_write, atomic_write_text
 from sae.errors import SaeError
 
 CFG_FILE = "cfg.json"
@@ -119,17 +120,14 @@ def write_saelens(
     folder.mkdir(parents=True, exist_ok=True)
     tensors = saelens_tensors(sae, architecture)
     config = saelens_config(sae, architecture, k, dataset=dataset)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / WEIGHTS_FILE)
-    tmp = folder / (CFG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(folder / CFG_FILE)
+    metadata = {"format": "pt"}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_text(folder / CFG_FILE, json.dumps(config, indent=2) + "\n")
     if frequency is None:
         (folder / SPARSITY_FILE).unlink(missing_ok=True)  # would describe another SAE
     else:
-        sparsity = torch.log10(frequency.detach().float().cpu() + 1e-10).contiguous()
-        tmp = folder / (SPARSITY_FILE + ".tmp")
-        save_file({"sparsity": sparsity}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / SPARSITY_FILE)
+        sparsity = {"sparsity": torch.log10(frequency.detach().float().cpu() + 1e-10).contiguous()}
+        atomic_write(
+            folder / SPARSITY_FILE, lambda tmp: save_file(sparsity, str(tmp), metadata=metadata)
+        )
     return folder

@@ -163,16 +163,12 @@ class LocalFilesSource:
                 f"{file}: no column {self.text_column!r} (columns: {', '.join(names)}); "
                 "pass the right one with --text-column"
             )
-        batches = parquet.iter_batches(columns=[self.text_column], batch_size=1024)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except pyarrow.ArrowException as err:
-                raise SaeError(f"{file}: a damaged parquet file ({err})") from None
-            for value in batch.column(0).to_pylist():
-                yield value if isinstance(value, str) else ""
+        try:
+            for batch in parquet.iter_batches(columns=[self.text_column], batch_size=1024):
+                for value in batch.column(0).to_pylist():
+                    yield value if isinstance(value, str) else ""
+        except pyarrow.ArrowException as err:
+            raise SaeError(f"{file}: a damaged parquet file ({err})") from None
 
     def _jsonl_texts(self, file: Path) -> Iterator[str]:
         with file.open("rb") as handle:

@@ -54,18 +54,13 @@ class ZarrRows:
     zarr reads a shard object that is not there as zeros, so each shard is looked up once (one
     existence check per `shard_rows` rows) before its rows are trusted."""
 
-    def __init__(
-        self,
-        array: Any,
-        shard_rows: int | None = None,
-        shard_exists: Callable[[int], bool] | None = None,
-    ) -> None:
+    def __init__(self, array: Any, shard_rows: int, shard_exists: Callable[[int], bool]) -> None:
         self.array = array
         self.shard_rows, self.shard_exists = shard_rows, shard_exists
         self._present: set[int] = set()
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        if self.shard_exists is not None and self.shard_rows and stop > start:
+        if stop > start:
             for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
                 if shard not in self._present:
                     if not self.shard_exists(shard):

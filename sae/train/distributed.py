@@ -6,14 +6,13 @@ makes a step equal to one process's step on the concatenated global batch.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from sae.runtime import RankInfo, rank_info
+from sae.runtime import RankInfo, init_torchrun_group, rank_info
 
 
 @contextmanager
@@ -32,12 +31,7 @@ def joined(device: str) -> Iterator[RankInfo]:
         return
     if device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
-    # Importing torch._dynamo while a group exists leaves ten references to that group which
-    # destroy_process_group does not drop, so the group and its gloo threads live on until
-    # interpreter shutdown, where tearing them down aborts now and then (SIGABRT, "terminate
-    # called without an active exception"). The optimizer's first step imports it; do it first.
-    importlib.import_module("torch._dynamo")
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    init_torchrun_group("nccl" if device.startswith("cuda") else "gloo")
     info = RankInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
     barrier(info)  # creating the group is no sync point; make it one
     # An error propagates from here and the rank exits failing with its group held: tearing it
