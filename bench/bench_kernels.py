@@ -145,7 +145,7 @@ def check(gen, log) -> list[dict]:
     sae = sae.to(dev)
     plain = torch.randn(512, D, device=dev, generator=gen)
     heavy = plain.clone()
-    heavy[::100] *= 20.0  # 6 rows hold more than their candidates: decoded densely
+    heavy[::100] *= 20.0  # 6 rows hold more than their candidates: taken in full
     n_cand = archs.CANDIDATES_PER_K * sae.cfg.k
     for (bf16, tol), (kind, xb) in itertools.product(
         ((False, 1e-4), (True, 1e-2)), (("plain", plain), ("heavy", heavy))

@@ -37,9 +37,10 @@ class Forward:
     recon: Callable[[], torch.Tensor]  # (B, D) full reconstruction, detached (computed lazily)
     min_kept: torch.Tensor | None = None  # batchtopk: smallest kept positive activation (θ)
     # batchtopk's sparse path: per-row candidates to take from now on (more after a batch had
-    # to go dense; the trainer keeps it), None when unchanged
+    # rows short of them; the trainer keeps it), None when unchanged
     candidates: int | None = None
-    dense_rows: int = 0  # batchtopk's sparse path: rows of this rank it decoded densely
+    # batchtopk's sparse path: rows of this rank short of candidates, encoded in full (no grad)
+    dense_rows: int = 0
 
 
 def _fired_from_sparse(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -94,8 +95,8 @@ def forward_topk(
 
 
 # BatchTopK's sparse path starts from each row's CANDIDATES_PER_K·k largest activations as
-# candidates for the batch-wide cut; rows that might hold more above the cut are encoded and
-# decoded densely, and the candidates double for the batches after.
+# candidates for the batch-wide cut; rows that might hold more above the cut are encoded in
+# full, and the candidates double for the batches after.
 CANDIDATES_PER_K = 4
 # ... and never more than the sparse kernels take per row (their K limit).
 MAX_CANDIDATES = 1024  # sae.kernels.triton_ops.MAX_K
@@ -126,11 +127,11 @@ def forward_batchtopk(
     `sparse` (default: SAE_BATCHTOPK, else where the Triton kernels run) selects from each row's
     top CANDIDATES_PER_K·k (or `candidates`) and decodes with the sparse kernels, exactly: a row
     can only hold kept activations beyond its candidates if its last candidate is at or above
-    the cut, and such rows are encoded and decoded densely (the cut is taken again with their
-    full rows). After such a batch the Forward asks for twice the candidates (at most
-    MAX_CANDIDATES) from then on. The price is one host sync per step (two when rows went
-    dense); the all-dense path's (B, F) decode and backward cost several times the sparse step
-    at Gemma-2-2B shape.
+    the cut. Such "short" rows are encoded in full without gradient, the cut is taken again
+    with their full rows, and their kept activations join the others' in the sparse decode.
+    After such a batch the Forward asks for twice the candidates (at most MAX_CANDIDATES) from
+    then on. The price is one host sync per step (two when rows were short); the all-dense
+    path's (B, F) decode and backward cost several times the sparse step at Gemma-2-2B shape.
     """
     cfg = sae.cfg
     target = x.to(sae.W_enc.dtype) * cfg.input_scale
@@ -166,44 +167,53 @@ def _min_kept(kept: torch.Tensor, info: RankInfo | None) -> torch.Tensor:
     return min_kept
 
 
-def _batchtopk_kept(
-    cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's kept count (0 for short rows: they go dense), its number of pieces of `width`
-    and how many rows have each number of pieces (0 … n_cand / width)."""
+def _batchtopk_counts(cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+    """Each row's number of kept candidates (0 for short rows: they are taken in full)."""
     keep = (cand >= cut) & (cand > 0) & ~short[:, None]  # rows sorted: kept entries are a prefix
-    counts = keep.sum(1)
+    return keep.sum(1)
+
+
+def _pieces(
+    rows: torch.Tensor | None,
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    n_pieces: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows whose kept activations are a sorted prefix (row r of vals/idx keeps counts[r]),
+    cut into pieces of `width`: per piece its row (in `rows`, or r itself when None), its
+    number within the row, its values, latents and which of its columns are kept."""
+    n_rows, device = vals.shape[0], vals.device
     pieces = (counts + width - 1) // width
-    return counts, pieces, torch.bincount(pieces, minlength=-(-cand.shape[1] // width) + 1)
+    # piece q of row r: its kernel row is first[r] + q, its columns q·width … q·width + width − 1
+    local = torch.repeat_interleave(
+        torch.arange(n_rows, device=device), pieces, output_size=n_pieces
+    )
+    first = torch.cumsum(pieces, 0) - pieces
+    piece_no = torch.arange(n_pieces, device=device) - first[local]
+    cols = piece_no[:, None] * width + torch.arange(width, device=device)
+    kept_mask = cols < counts[local, None]
+    cols = cols.clamp(max=vals.shape[1] - 1)
+    row_of = local if rows is None else rows[local]
+    return row_of, piece_no, vals[local[:, None], cols], idx[local[:, None], cols], kept_mask
 
 
 def _batchtopk_pieces(
     sae: SparseAutoencoder,
     target: torch.Tensor,
-    cand: torch.Tensor,
-    cand_idx: torch.Tensor,
-    counts: torch.Tensor,
-    pieces: torch.Tensor,
-    hist: list[int],
+    groups: list[tuple],
     width: int,
     encoder_bf16: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Decode every row's kept candidates (a prefix of `counts[r]`), cut into pieces of `width`:
-    one encode and one decode call for the batch. Returns the rows' decodes without b_dec, the
-    latents that fired, the number of kept activations and the kept values."""
-    n_rows, device = target.shape[0], cand.device
-    n_pieces = sum(p * n for p, n in enumerate(hist))
-    # piece q of row r: its kernel row is first[r] + q, its columns q·width … q·width + width − 1
-    row_of = torch.repeat_interleave(
-        torch.arange(n_rows, device=device), pieces, output_size=n_pieces
+    """Decode every row's kept activations, cut into pieces of `width` (`groups`: `_pieces`'
+    arguments, one tuple per set of rows): one encode and one decode call for the batch.
+    Returns the rows' decodes without b_dec, the latents that fired, the number of kept
+    activations and the kept values."""
+    row_of, piece_no, c, i, kept_mask = (
+        torch.cat(part) for part in zip(*(_pieces(*g, width) for g in groups), strict=True)
     )
-    first = torch.cumsum(pieces, 0) - pieces
-    piece_no = torch.arange(n_pieces, device=device) - first[row_of]
-    cols = piece_no[:, None] * width + torch.arange(width, device=device)
-    kept_mask = cols < counts[row_of, None]
-    cols = cols.clamp(max=cand.shape[1] - 1)
-    c, i = cand[row_of[:, None], cols], cand_idx[row_of[:, None], cols]
     with _encoder_autocast(target, encoder_bf16):
         vals = encode_selected(
             target[row_of], sae.W_enc, sae.b_enc, c, i, b_pre=sae.b_dec, deterministic=deterministic
@@ -212,16 +222,13 @@ def _batchtopk_pieces(
     zero = torch.zeros_like(sae.b_dec)
     parts = topk_decode(vals, i, sae.W_dec, zero, deterministic=deterministic)
     # Sum the pieces back per row: one index_add (atomic adds on CUDA), or when deterministic
-    # one per piece number, so no row is added to twice in one call
+    # one per piece number, so no row is added to twice in one call (a row is in one group)
     full = target.new_zeros(target.shape)
     if not deterministic:
         full = full.index_add(0, row_of, parts)
     else:
         by_piece, start = torch.argsort(piece_no, stable=True), 0
-        for q in range(len(hist) - 1):
-            n_q = sum(hist[q + 1 :])  # rows with more than q pieces
-            if not n_q:
-                break
+        for n_q in torch.bincount(piece_no).tolist():  # pieces numbered q, q = 0, 1, …
             sel = by_piece[start : start + n_q]
             full = full.index_add(0, row_of[sel], parts[sel])
             start += n_q
@@ -241,7 +248,7 @@ def _batchtopk_sparse(
     n_cand: int,
 ) -> tuple[Forward, bool]:
     """BatchTopK from each row's n_cand largest activations with the sparse kernels, and
-    whether some row (on some rank) was short of candidates and went dense."""
+    whether some row (on some rank) was short of candidates."""
     cfg = sae.cfg
     n_rows = target.shape[0]
     with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
@@ -255,44 +262,50 @@ def _batchtopk_sparse(
     if info is not None:
         any_short = ddp.any_rank(any_short, info)  # any rank short: all take the cut again
     width = min(PACK_WIDTH, n_cand)
-    counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
-    n_short = short.sum().reshape(1)
-    flags = torch.cat([any_short.float(), n_short.float(), hist.float()]).tolist()  # the sync
-    dense_acts = None
+    counts = _batchtopk_counts(cand32, cut, short)
+    pieces = (counts + width - 1) // width
+    sync = [any_short.float(), short.sum().reshape(1).float(), pieces.sum().reshape(1).float()]
+    flags = torch.cat(sync).tolist()  # the step's host sync
+    groups = [(None, cand, cand_idx, counts, int(flags[2]))]
     if flags[0]:
-        # Short rows in full (with gradients: they are decoded densely), and the cut again over
-        # them and the other rows' candidates: exact, as every other row's last candidate stays
-        # below the new cut (more values can only raise the n_keep-th largest).
+        # Short rows' full activations (no gradient: their kept ones are decoded sparsely like
+        # every other row's), and the cut again over them and the other rows' candidates:
+        # exact, as every other row's last candidate stays below the new cut (more values can
+        # only raise the n_keep-th largest).
         short_rows = torch.argsort((~short).to(torch.int8), stable=True)[: int(flags[1])]
-        with _encoder_autocast(target, encoder_bf16):
+        with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
             pre = centered.index_select(0, short_rows) @ sae.W_enc.T + sae.b_enc
         dense_acts = pre.float().relu()
         pool = torch.cat(
             [cand32.masked_fill(short[:, None], 0).reshape(-1), dense_acts.reshape(-1)]
         )
-        cut = _batch_cut(pool.detach(), n_keep, info)
-        counts, pieces, hist = _batchtopk_kept(cand32, cut, short, width)
-        flags = [*flags[:2], *hist.tolist()]
-    hist = [int(n) for n in flags[2:]]  # rows with 0, 1, 2, … pieces
+        cut = _batch_cut(pool, n_keep, info)
+        counts = _batchtopk_counts(cand32, cut, short)
+        short_counts = ((dense_acts >= cut) & (dense_acts > 0)).sum(1)
+        sync = [(counts + width - 1) // width, (short_counts + width - 1) // width]
+        sync = [s.sum().reshape(1) for s in sync] + [short_counts.max().reshape(1)]
+        n_pieces, n_short_pieces, widest = torch.cat(sync).tolist()  # a second sync
+        groups = [(None, cand, cand_idx, counts, n_pieces)]
+        if n_short_pieces:
+            # each short row's kept activations as a sorted prefix, like the candidates
+            s_vals, s_idx = dense_acts.topk(widest, dim=1, sorted=True)
+            s_vals = s_vals.to(cand.dtype)
+            groups.append(
+                (short_rows, s_vals, s_idx.to(cand_idx.dtype), short_counts, n_short_pieces)
+            )
     full = target.new_zeros(target.shape)
     fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=cand.device)
     n_active, kept_values = torch.zeros((), device=cand.device), []
-    if any(hist[1:]):
+    groups = [g for g in groups if g[-1]]
+    if groups:
         full, fired, n_active, kept_values = _batchtopk_pieces(
-            sae, target, cand, cand_idx, counts, pieces, hist, width, encoder_bf16, deterministic
+            sae, target, groups, width, encoder_bf16, deterministic
         )
-    if dense_acts is not None:
-        kept_dense = dense_acts * ((dense_acts >= cut) & (dense_acts > 0))
-        full = full.index_add(0, short_rows, kept_dense.to(sae.W_dec.dtype) @ sae.W_dec)
-        kept = kept_dense.detach()
-        fired = fired | (kept > 0).any(0)
-        n_active = n_active + (kept > 0).sum()
-        kept_values.append(kept.reshape(-1))
     kept_values.append(cand32.new_zeros(1))  # never empty (a kept value is > 0)
     full = full + sae.b_dec
     l0 = n_active.float() / n_rows
     fwd = _batchtopk_forward(full, target, centered, fired, l0, torch.cat(kept_values), info)
-    fwd.dense_rows = 0 if dense_acts is None else dense_acts.shape[0]
+    fwd.dense_rows = int(flags[1])
     return fwd, bool(flags[0])
 
 

@@ -115,7 +115,7 @@ def global_threshold(local: torch.Tensor, n_keep: int, info: RankInfo) -> torch.
     Only a rank's own n_keep largest values can be among the global n_keep largest, so each rank
     contributes those; the all-gather moves world_size · n_keep values, never whole batches.
     Ranks may hold different numbers of values (BatchTopK's sparse path adds the rows it took
-    densely); those with fewer than n_keep pad with −inf, so when the ranks hold fewer than
+    in full); those with fewer than n_keep pad with −inf, so when the ranks hold fewer than
     n_keep values in all the cut is −inf: everything is kept.
     """
     flat = local.reshape(-1)

@@ -106,7 +106,7 @@ class Trainer:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.aux_active = False
         self.batchtopk_candidates: int | None = None  # BatchTopK's per-row candidates (adaptive)
-        self.batchtopk_dense_steps = 0  # steps where BatchTopK's sparse path decoded rows densely
+        self.batchtopk_dense_steps = 0  # steps where BatchTopK's sparse path had short rows
         self.last_good_step: int | None = None
         self.cursor: dict | None = None
         self.last_metrics: dict = {}  # the last logged training metrics (for the summary)
@@ -276,7 +276,7 @@ class Trainer:
             info=self.info,
             batchtopk_candidates=self.batchtopk_candidates,
         )
-        if fwd.candidates is not None:  # rows went dense: more candidates from now on
+        if fwd.candidates is not None:  # rows were short: more candidates from now on
             self.batchtopk_candidates = fwd.candidates
         self.batchtopk_dense_steps += fwd.dense_rows > 0
         total = fwd.loss
