@@ -33,15 +33,18 @@ def recovery(decoder: torch.Tensor, dictionary: torch.Tensor) -> float:
     return (dictionary @ dec.T).max(dim=1).values.mean().item()
 
 
-def write_planted_cache(url: str, acts: torch.Tensor, *, chunk_rows: int = 256) -> None:
-    """Write activations through the real store, as `sae harvest` would."""
+def write_planted_cache(
+    url: str, acts: torch.Tensor, *, chunk_rows: int = 256, layer: int = 0
+) -> None:
+    """Write activations through the real store, as `sae harvest` would (`layer` only labels
+    the cache, for tests that need two caches of the same shape)."""
     from sae.store import CacheWriter
 
     n, d = acts.shape
     identity = {
         "model": "planted",
         "model_revision": "none",
-        "layer": 0,
+        "layer": layer,
         "hook": "planted",
         "d_model": d,
         "dtype": "float16",

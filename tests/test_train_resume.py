@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from planted import (
     write_planted_cache,
 )
 
+from sae.errors import SaeError
+from sae.store import open_cache
 from sae.train import archs, model
 from sae.train.checkpoint import load_checkpoint
 from sae.train.config import TrainConfig
@@ -104,6 +107,43 @@ def test_resume_from_store_is_bitwise(tmp_path):
     write_planted_cache(url, planted_activations(dictionary, 64 * 24), chunk_rows=64)
     make = lambda: CacheSource(url)
     _assert_same_run(*_straight_and_resumed(tmp_path, make, url, "hierarchical"))
+
+
+def test_resume_on_a_cache_of_another_layer_is_refused(tmp_path):
+    """Two caches of one shape, layers 3 and 7: a run begun on the first does not continue on
+    the second (half a run on other activations, and a config claiming the new layer)."""
+    acts = planted_activations(planted_dictionary(32, 16), 64 * 24)
+    first, second = str(tmp_path / "layer3"), str(tmp_path / "layer7")
+    write_planted_cache(first, acts, chunk_rows=64, layer=3)
+    write_planted_cache(second, acts, chunk_rows=64, layer=7)
+    out = tmp_path / "run"
+    train(_config(out, first, "topk", tokens=64 * 10), CacheSource(first))
+    saved = (out / "config.json").read_text()
+    with pytest.raises(SaeError, match=r"not the one the run .* layer 3 \(run\) vs 7 \(cache\)"):
+        train(_config(out, second, "topk", tokens=64 * 20, resume=True), CacheSource(second))
+    assert (out / "config.json").read_text() == saved  # the run is untouched
+    summary = train(_config(out, first, "topk", tokens=64 * 20, resume=True), CacheSource(first))
+    assert summary["steps"] == 20
+
+
+def test_stream_cursor_of_another_cache_is_refused(tmp_path):
+    """The store's own guard, for callers of Cache.batches(cursor=...): a cursor names the
+    cache's identity and size (not its URL, so a copied cache still resumes)."""
+    acts = planted_activations(planted_dictionary(32, 16), 64 * 8)
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    write_planted_cache(first, acts, chunk_rows=64, layer=3)
+    write_planted_cache(second, acts, chunk_rows=64, layer=7)
+    with open_cache(first).batches(64, epochs=1) as stream:
+        next(iter(stream))
+        cursor = stream.cursor()
+    with pytest.raises(SaeError, match=r"made on another cache than .*b"):
+        open_cache(second).batches(64, epochs=1, cursor=cursor)
+    shutil.copytree(first, tmp_path / "copy")
+    with open_cache(str(tmp_path / "copy")).batches(64, epochs=1, cursor=cursor) as stream:
+        assert next(iter(stream)).shape == (64, 16)
+    older = {k: v for k, v in cursor.items() if k != "cache"}  # written before the digest
+    with open_cache(first).batches(64, epochs=1, cursor=older) as stream:
+        assert next(iter(stream)).shape == (64, 16)
 
 
 def test_finished_run_extends_with_more_tokens(tmp_path):

@@ -13,6 +13,8 @@ one into (pinned, when CUDA) batch buffers and copies them to the device on a si
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import threading
@@ -26,6 +28,15 @@ import torch
 from sae.errors import SaeError
 
 CURSOR_VERSION = 1
+
+
+def cache_digest(cache: Any) -> str:
+    """A short fingerprint of what a cache holds (its identity and size, not its URL: a moved
+    or copied cache keeps it), so a cursor is never resumed on another cache of the same shape."""
+    what = {"identity": cache.identity, "total_tokens": int(cache.layout.total_tokens)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 DEFAULT_SHUFFLE_BYTES = 1 << 30
 _DONE = object()
 
@@ -128,6 +139,7 @@ class BatchStream:
             "keep_bos": bool(keep_bos),
             "shuffle": bool(shuffle),
             "batch_size": batch_size,
+            "cache": cache_digest(cache),
         }
         committed = list(cache.committed)
         self._epoch, self._rows = 0, 0
@@ -154,10 +166,15 @@ class BatchStream:
     def _check_cursor(self, cursor: dict) -> list[int]:
         if not isinstance(cursor, dict) or cursor.get("version") != CURSOR_VERSION:
             raise SaeError("the stream cursor is not one this sae wrote (bad version)")
+        if cursor.get("cache", self.params["cache"]) != self.params["cache"]:  # absent: older sae
+            raise SaeError(
+                f"the stream cursor was made on another cache than {self.cache.url} (its "
+                "identity or size differs); resume with the cache it was made on"
+            )
         diff = [
             f"{k}: cursor {cursor.get(k)!r}, now {v!r}"
             for k, v in self.params.items()
-            if cursor.get(k) != v
+            if k != "cache" and cursor.get(k) != v
         ]
         if diff:
             raise SaeError("the stream cursor was made with different settings: " + "; ".join(diff))

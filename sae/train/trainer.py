@@ -154,6 +154,7 @@ class Trainer:
                     f"with d_model {saved.get('d_model')}; resume with the cache it was trained "
                     "on, or start a new run in another --out"
                 )
+            self._check_same_cache(saved)
             changed = [
                 f"{name} ({saved.get(name)!r} → {getattr(cfg, name)!r})"
                 for name in RESUME_FIXED
@@ -172,6 +173,25 @@ class Trainer:
             raise SaeError(
                 f"{self.out} already holds a run; pass --resume to continue it, "
                 "--overwrite to start over, or choose another --out"
+            )
+
+    def _check_same_cache(self, saved: dict) -> None:
+        """--resume on a cache of another model, layer, hook or context would train half a run
+        on other activations; a field either side does not know (cfg defaults) is not compared."""
+        cfg = self.cfg
+        unknown = {"model": "", "layer": -1, "hook": "", "context": 0}
+        differ = [
+            f"{key} {saved.get(key)!r} (run) vs {getattr(cfg, key)!r} (cache)"
+            for key, none in unknown.items()
+            if saved.get(key, none) != none
+            and getattr(cfg, key) != none
+            and saved.get(key) != getattr(cfg, key)
+        ]
+        if differ:
+            raise SaeError(
+                f"--resume: the cache {cfg.cache} is not the one the run in {self.out} was "
+                f"trained on: {', '.join(differ)}; resume with that cache, or start a new run "
+                "in another --out"
             )
 
     @torch.no_grad()
