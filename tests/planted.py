@@ -34,10 +34,16 @@ def recovery(decoder: torch.Tensor, dictionary: torch.Tensor) -> float:
 
 
 def write_planted_cache(
-    url: str, acts: torch.Tensor, *, chunk_rows: int = 256, layer: int = 0
+    url: str,
+    acts: torch.Tensor,
+    *,
+    chunk_rows: int = 256,
+    layer: int = 0,
+    total_tokens: int | None = None,
 ) -> None:
     """Write activations through the real store, as `sae harvest` would (`layer` only labels
-    the cache, for tests that need two caches of the same shape)."""
+    the cache, for tests that need two caches of the same shape; `total_tokens`: the size the
+    cache is created for, more than `acts` for a harvest that stopped early)."""
     from sae.store import CacheWriter
 
     n, d = acts.shape
@@ -59,7 +65,7 @@ def write_planted_cache(
     writer = CacheWriter(
         url,
         d_model=d,
-        total_tokens=n,
+        total_tokens=total_tokens or n,
         identity=identity,
         attrs={"planted": True},
         chunk_rows=chunk_rows,

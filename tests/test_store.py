@@ -254,6 +254,21 @@ def test_verify_names_flipped_chunk(tmp_path):
         open_cache(str(path)).read_rows(150, 200)
 
 
+def test_more_ranks_than_chunks_is_refused_up_front(url):
+    """Ranks read whole chunks: with 3 train chunks, a 4th rank would get none (it used to say
+    "the split has no rows left after filtering", which the split does not)."""
+    w = CacheWriter(
+        url, d_model=D, total_tokens=128, identity=IDENTITY, attrs={}, chunk_rows=32, shard_rows=64
+    )
+    append_rows(w, 0, 128, 128)
+    w.close()
+    cache = open_cache(url)
+    assert cache.heldout_rows == (0, 32)  # 3 chunks of 32 left for training
+    with pytest.raises(SaeError, match=r"train split of .* has 3 chunk\(s\) of rows for 4 ranks"):
+        cache.batches(8, rank=3, world_size=4)
+    assert sum(len(row_ids(b)) for b in cache.batches(8, rank=2, world_size=3)) > 0
+
+
 def test_two_ranks_disjoint_complete_and_deterministic(url):
     total = 4096  # token chunks of 16 shards * 64 rows = 1024 rows; 4 units over 2 ranks
     for rank in (0, 1):  # ranks write independently (could be separate processes/nodes)

@@ -47,6 +47,28 @@ def test_missing_cache(tmp_path):
         train(_config(tmp_path / "run", cache=str(tmp_path / "nope")))
 
 
+def test_cache_given_with_a_tilde(tmp_path, monkeypatch):
+    """`--cache=~/c` reaches us unexpanded (bash expands only a word that starts with ~)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_planted_cache(str(tmp_path / "c"), planted_activations(planted_dictionary(32, 16), 640))
+    summary = train(_config(tmp_path / "run", cache="~/c", tokens=64 * 2))
+    assert summary["steps"] == 2
+
+
+def test_cache_that_is_all_heldout_says_why(tmp_path):
+    """A harvest that stopped (or ran out of text) far short of the size its cache was created
+    for: the held-out split, ~1% of that size, holds every row written."""
+    url = str(tmp_path / "cache")
+    rows = planted_activations(planted_dictionary(32, 16), 640)
+    write_planted_cache(url, rows, chunk_rows=64, total_tokens=640_000)
+    with pytest.raises(
+        SaeError,
+        match=r"no training tokens: all 640 of its rows are the held-out split \(rows \[0, 640\), "
+        r"sized for the 640000 tokens .*Harvest the rest .*--tokens at most",
+    ):
+        train(_config(tmp_path / "run", cache=url))
+
+
 def test_k_larger_than_dictionary(tmp_path):
     with pytest.raises(SaeError, match="--k 100 is larger than the dictionary \\(64 latents\\)"):
         train(_config(tmp_path / "run", k=100), _source())

@@ -153,6 +153,12 @@ class BatchStream:
         self.pieces = self._pieces(split, committed)
         if not len(self.pieces):
             raise SaeError(f"the cache at {cache.url} has no committed rows in split {split!r}")
+        if len(self.pieces) < world_size:  # ranks take whole chunks: some rank would get none
+            raise SaeError(
+                f"the {split} split of {cache.url} has {len(self.pieces)} chunk(s) of rows for "
+                f"{world_size} ranks, and each rank reads whole chunks; harvest more tokens or "
+                "use fewer ranks"
+            )
         self._bos = np.empty(0, np.int64) if keep_bos else cache.bos_rows(committed)
         lens = self.pieces[:, 1] - self.pieces[:, 0]
         bos_hi = np.searchsorted(self._bos, self.pieces[:, 1])
@@ -334,7 +340,8 @@ class BatchStream:
                     if empty_epochs >= 2:
                         raise SaeError(
                             f"rank {self.params['rank']} gets fewer than batch_size={b} rows per "
-                            "epoch from this split; use a smaller batch or drop_last=False"
+                            "epoch from this split; use a smaller batch (--batch), fewer ranks, "
+                            "or drop_last=False"
                         )
                     out, filled, rows_done, yielded = None, 0, 0, False
                     continue

@@ -63,7 +63,7 @@ class CacheSource:
 
     def __init__(self, url: str, read_workers: int | None = None) -> None:
         self.read_workers = read_workers  # reader threads (None: the store's default)
-        if "://" not in url and not Path(url).exists():
+        if "://" not in url and not Path(url).expanduser().exists():
             raise SaeError(
                 f"no cache at {url}; pass the --out directory of `sae harvest` as --cache"
             )
@@ -75,7 +75,13 @@ class CacheSource:
         self.n_heldout = int(stop - start)
         self.n_train_tokens = int(self.cache.n_tokens) - self.n_heldout
         if self.n_train_tokens <= 0:
-            raise SaeError(f"cache {url} has no training tokens; harvest more tokens into it")
+            target = self.cache.layout.total_tokens
+            raise SaeError(
+                f"cache {url} has no training tokens: all {self.cache.n_tokens} of its rows are "
+                f"the held-out split (rows [0, {stop}), sized for the {target} tokens it was "
+                "created for). Harvest the rest into it (the same `sae harvest` command), or, if "
+                "the dataset ran out, harvest into a new --out with --tokens at most what it holds"
+            )
         # What the cache says it came from; a field it leaves out is recorded as unknown
         # (the TrainConfig defaults: "", -1, 0) rather than refused: training needs none of them.
         cache = self.cache
