@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from planted import CrashAfter, planted_activations, planted_dictionary, write_planted_cache
 
 from sae.errors import SaeError
+from sae.kernels import triton_ops
 from sae.train.checkpoint import checkpoint_path, load_checkpoint
-from sae.train.config import TrainConfig
+from sae.train.config import MAX_SPARSE_K, TrainConfig
 from sae.train.data import TensorSource
 from sae.train.model import load_sae
 from sae.train.trainer import train
@@ -67,6 +68,22 @@ def test_cache_that_is_all_heldout_says_why(tmp_path):
         r"sized for the 640000 tokens .*Harvest the rest .*--tokens at most",
     ):
         train(_config(tmp_path / "run", cache=url))
+
+
+@pytest.mark.parametrize(
+    ("arch", "option", "value"), [("topk", "k", 1025), ("batchtopk", "aux_k", 2048)]
+)
+def test_widths_beyond_the_sparse_kernels(tmp_path, arch, option, value):
+    """--k and --aux-k beyond what the kernels take per token are refused before training (the
+    GPU used to fail in the first backward, or at the first step with 1,025 dead latents), on
+    the CPU as well; BatchTopK's own k is not bounded (its rows are cut into pieces)."""
+    with pytest.raises(
+        SaeError, match=rf"--{option.replace('_', '-')} {value} is more .* \(1024\)"
+    ):
+        train(_config(tmp_path / "run", arch=arch, **{option: value}), _source())
+    config = _config(tmp_path / "ok", arch="batchtopk", k=2000, aux_k=1024)
+    config.validate_options()
+    assert MAX_SPARSE_K == triton_ops.MAX_K
 
 
 def test_k_larger_than_dictionary(tmp_path):

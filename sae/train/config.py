@@ -20,6 +20,8 @@ ENCODER_DTYPES = ("bfloat16", "float32")
 ADAM_STATES = ("float32", "bfloat16")
 
 # Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
+# The sparse kernels' per-row K limit (sae.kernels.triton_ops.MAX_K; not imported: no triton here)
+MAX_SPARSE_K = 1024
 RESUME_FIXED = (
     "d_model",
     "n_latents",
@@ -143,6 +145,16 @@ class TrainConfig:
                 raise SaeError(f"{name} must be a finite number {bound}, got {value}")
         if not 0 <= self.theta_momentum < 1:
             raise SaeError(f"theta_momentum must be in [0, 1), got {self.theta_momentum}")
+        # per-row widths the sparse kernels take (BatchTopK cuts its rows into pieces instead);
+        # refused on the CPU too, so a run that works here also works on the GPU
+        widths = {"--aux-k": self.aux_k if self.arch in TOPK_FAMILY else 0}
+        widths["--k"] = self.k if self.arch in ("hierarchical", "topk") else 0
+        for name, value in widths.items():
+            if value > MAX_SPARSE_K:
+                raise SaeError(
+                    f"{name} {value} is more than the sparse kernels take per token "
+                    f"({MAX_SPARSE_K}); lower it"
+                )
 
     def ignored_options(self) -> list[str]:
         """Options set away from their defaults that this arch does not use (said, not refused:
