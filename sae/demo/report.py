@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+REPORT_FILE = "report.md"
+
 
 def _fmt(value: float | int | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
@@ -48,6 +50,6 @@ def render_report(evals: list[dict], figure: str, header: dict[str, str]) -> str
 
 
 def write_report(out_dir: Path, evals: list[dict], figure: Path, header: dict[str, str]) -> Path:
-    path = out_dir / "report.md"
+    path = out_dir / REPORT_FILE
     path.write_text(render_report(evals, figure.name, header))
     return path
