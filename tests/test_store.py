@@ -254,6 +254,30 @@ def test_verify_names_flipped_chunk(tmp_path):
         open_cache(str(path)).read_rows(150, 200)
 
 
+def test_every_writer_gets_rows_and_rank_0_a_heldout_split(url):
+    """Writers own whole token chunks (16 shards). With the default sizes a small cache for two
+    writers used to give rank 0 nothing, so it had no held-out split; the defaults now shrink.
+    Sizes given explicitly that leave a writer empty are refused with what to do."""
+    from sae.store.layout import make_layout
+
+    layout = make_layout(40_000, 64, 2, None, None)
+    assert [layout.rank_rows(r) > 0 for r in (0, 1)] == [True, True]
+    assert 0 < layout.heldout_rows <= layout.rank_rows(0) // 2
+    assert make_layout(40_000, 64, 1, None, None).shard_rows == 40_000  # one writer: as before
+    big = make_layout(10**9, 2304, 8, None, None)
+    assert (big.chunk_rows, big.shard_rows) == (2048, 65536)  # real sizes: the measured defaults
+    with pytest.raises(SaeError, match=r"writer\(s\) \[0\] without rows: .* at least 8192 tokens"):
+        make_layout(4000, 64, 2, 64, 256)
+    for rank in (0, 1):
+        w = CacheWriter(
+            url, d_model=D, total_tokens=4000, identity=IDENTITY, attrs={}, rank=rank, world_size=2
+        )
+        append_rows(w, 0, w.target, 500)
+        w.close()
+    cache = open_cache(url)
+    assert cache.n_tokens == 4000 and cache.heldout_rows[1] > 0
+
+
 def test_more_ranks_than_chunks_is_refused_up_front(url):
     """Ranks read whole chunks: with 3 train chunks, a 4th rank would get none (it used to say
     "the split has no rows left after filtering", which the split does not)."""

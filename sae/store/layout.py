@@ -41,6 +41,11 @@ def _pow2_near(x: float) -> int:
     return p
 
 
+def _pow2_below(x: int) -> int:
+    """The largest power of two <= x (x >= 1)."""
+    return 1 << (max(1, x).bit_length() - 1)
+
+
 def default_chunk_rows(d_model: int) -> int:
     """Rows per inner chunk: the power of two whose float16 chunk is closest to 8 MiB."""
     return max(16, _pow2_near(TARGET_CHUNK_BYTES / (2 * d_model)))
@@ -67,6 +72,10 @@ class Layout:
     @property
     def n_shards(self) -> int:
         return -(-self.total_tokens // self.shard_rows)
+
+    def rank_rows(self, rank: int) -> int:
+        lo, hi = self.rank_range(rank)
+        return hi - lo
 
     def rank_range(self, rank: int) -> tuple[int, int]:
         """Physical rows [start, stop) that writer `rank` owns; token-chunk aligned, disjoint."""
@@ -110,10 +119,17 @@ def make_layout(
             raise SaeError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise SaeError(f"world_size must be a positive integer, got {world_size!r}")
+    # Writers own whole token chunks (SHARDS_PER_TOKEN_CHUNK shards): each needs at least one,
+    # and rank 0's first rows are the held-out split. Defaults shrink until every writer has one.
+    per_writer = total_tokens // (world_size * SHARDS_PER_TOKEN_CHUNK)  # most rows per shard
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(d_model)
+        if shard_rows is None and world_size > 1 and per_writer < chunk_rows:
+            chunk_rows = max(1, _pow2_below(per_writer))
     if shard_rows is None:
         shard_rows = chunk_rows * CHUNKS_PER_SHARD
+        if world_size > 1 and shard_rows > per_writer:
+            shard_rows = max(1, per_writer // chunk_rows) * chunk_rows
     if chunk_rows <= 0 or shard_rows <= 0 or shard_rows % chunk_rows:
         raise SaeError(
             f"shard_rows ({shard_rows}) must be a positive multiple of chunk_rows ({chunk_rows})"
@@ -122,7 +138,17 @@ def make_layout(
         # A tiny cache needs no shard bigger than itself (keeps small caches small on disk).
         chunk_rows = min(chunk_rows, total_tokens)
         shard_rows = -(-total_tokens // chunk_rows) * chunk_rows
-    return Layout(total_tokens, d_model, chunk_rows, shard_rows, world_size)
+    layout = Layout(total_tokens, d_model, chunk_rows, shard_rows, world_size)
+    empty = [r for r in range(world_size) if not layout.rank_rows(r)]
+    if empty:
+        raise SaeError(
+            f"{total_tokens} tokens over {world_size} writers leave writer(s) {empty} without "
+            f"rows: each takes whole token chunks of {layout.token_chunk_rows} rows "
+            f"({SHARDS_PER_TOKEN_CHUNK} shards of {shard_rows}); harvest at least "
+            f"{world_size * layout.token_chunk_rows} tokens, use fewer ranks, or pass smaller "
+            "--shard-rows/--chunk-rows"
+        )
+    return layout
 
 
 def layout_from_attrs(attrs: dict) -> Layout:
