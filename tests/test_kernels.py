@@ -214,7 +214,8 @@ def test_topk_encode_b_pre_gradient_matches_reference(deterministic, gen):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_encode_selected_gradients_match_float64_reference(deterministic, gen):
     """BatchTopK's encoder: candidates selected without gradient, cut to a narrower width and
-    masked, then made differentiable; gradients of W_enc, b_enc and b_pre vs float64."""
+    masked, then made differentiable; gradients of W_enc, b_enc and b_pre vs float64, and the
+    selected values' own gradient passed through as on the reference."""
     b, d, f, k = 7, 37, 300, 13
     x = torch.randn(b, d, generator=gen)
     w_enc = torch.randn(f, d, generator=gen) / d**0.5
@@ -225,18 +226,19 @@ def test_encode_selected_gradients_match_float64_reference(deterministic, gen):
     cand, idx = cand[:, :9], idx[:, :9]
     keep = cand >= cand.flatten().kthvalue(cand.numel() - 40).values  # 40 kept over the batch
     weights = torch.randn(b, 9, generator=gen)
-    ours = leaves(w_enc, b_enc, b_pre)
+    det = {"deterministic": deterministic}
+    ours = leaves(w_enc, b_enc, b_pre, cand)
     vals = kernels.encode_selected(
-        x, ours[0], ours[1], cand, idx, b_pre=ours[2], backend="triton", deterministic=deterministic
+        x, ours[0], ours[1], ours[3], idx, b_pre=ours[2], backend="triton", **det
     )
     assert torch.equal(vals, cand)
     (vals * keep * weights).sum().backward()
-    ref = leaves(w_enc, b_enc, b_pre, dtype=torch.float64)
+    ref = leaves(w_enc, b_enc, b_pre, cand, dtype=torch.float64)
     ref_vals = kernels.encode_selected(
-        x.double(), ref[0], ref[1], cand.double(), idx, b_pre=ref[2], backend="torch"
+        x.double(), ref[0], ref[1], ref[3], idx, b_pre=ref[2], backend="torch"
     )
     (ref_vals * keep * weights.double()).sum().backward()
-    for name, a, r in zip(("W_enc", "b_enc", "b_pre"), ours, ref, strict=True):
+    for name, a, r in zip(("W_enc", "b_enc", "b_pre", "vals"), ours, ref, strict=True):
         assert rel_err(a.grad, r.grad) < TOL, name
 
 
@@ -350,6 +352,82 @@ def test_deterministic_mode_repeats_bitwise(gen):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("with_b_pre", [False, True])
+def test_deterministic_bias_gradients_repeat_bitwise_and_match_float64(with_b_pre, gen):
+    """b_enc's (and b_pre's) gradient: per-latent sums of the sparse gradient by the segment
+    reduction in a fixed order; 60 rows over 8 latents, so each sum has many terms."""
+    b, d, f, k = 60, 19, 8, 5
+    x = torch.randn(b, d, generator=gen)
+    w_enc = torch.randn(f, d, generator=gen) / d**0.5
+    b_enc = torch.randn(f, generator=gen) * 0.1
+    b_pre = torch.randn(d, generator=gen) * 0.1
+    weights = torch.randn(b, k, generator=gen)
+
+    def grads(backend, dtype):
+        ps = leaves(w_enc, b_enc, b_pre, dtype=dtype)
+        vals, _ = kernels.topk_encode(
+            x.to(dtype),
+            ps[0],
+            ps[1],
+            k,
+            b_pre=ps[2] if with_b_pre else None,
+            backend=backend,
+            deterministic=True,
+        )
+        (vals * weights.to(dtype)).sum().backward()
+        return [ps[1].grad] + ([ps[2].grad] if with_b_pre else [])
+
+    first, second = grads("triton", torch.float32), grads("triton", torch.float32)
+    for a, c, r in zip(first, second, grads("torch", torch.float64), strict=True):
+        assert torch.equal(a, c)
+        assert rel_err(a, r) < TOL
+
+
+def test_segment_sum_is_a_fixed_order_fp32_reduction(gen):
+    """The deterministic per-latent sums: 3,000 items over 5 latents (one never used) against
+    float64, the same bits on a repeat."""
+    from sae.kernels.triton_ops import _segment_sum, latent_segments
+
+    values = torch.randn(600, 5, generator=gen)
+    idx = torch.randint(0, 4, (600, 5), generator=gen)
+    segs = latent_segments(idx, 5)
+    sums = _segment_sum(values, segs)
+    want = torch.zeros(5, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), values.double().reshape(-1)
+    )
+    assert sums.dtype == torch.float32 and sums[4] == 0
+    assert rel_err(sums, want) < 1e-6
+    assert torch.equal(sums, _segment_sum(values, segs))
+
+
+@pytest.mark.parametrize("needs_w_grad", [True, False])
+def test_hierarchical_loss_second_backward_is_refused_not_wrong(needs_w_grad, gen):
+    """W_dec's gradient is computed in forward and scaled in place by backward: a second
+    backward over a retained graph would return it scaled twice, so it raises; without a
+    W_dec gradient nothing was consumed and a second backward repeats the first."""
+    vals, idx, w, bias, x = sparse_inputs(5, 24, 30, 6, gen)
+    v_, w_ = leaves(vals, w)
+    w_.requires_grad_(needs_w_grad)
+    loss = kernels.hierarchical_loss(v_, idx, w_, bias, x, backend="triton")
+    (2 * loss).backward(retain_graph=True)
+    first = v_.grad.clone()
+    v_.grad = None
+    if needs_w_grad:
+        with pytest.raises(RuntimeError, match="supports one backward per forward"):
+            (2 * loss).backward()
+    else:
+        (2 * loss).backward()
+        assert torch.equal(v_.grad, first)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hierarchical_loss_refuses_an_empty_batch_on_both_paths(backend, gen):
+    vals, idx, w, bias, x = sparse_inputs(1, 16, 20, 4, gen)
+    vals, idx, x = vals[:0], idx[:0], x[:0]
+    with pytest.raises(ValueError, match=r"empty batch \(B = 0\)"):
+        kernels.hierarchical_loss(vals, idx, w, bias, x, backend=backend)
+
+
 def test_dispatcher_uses_reference_on_cpu_and_validates(gen, monkeypatch):
     vals, idx, w, bias, x = sparse_inputs(4, 10, 30, 5, gen)
     monkeypatch.delenv("SAE_KERNELS", raising=False)
@@ -368,10 +446,47 @@ def test_dispatcher_uses_reference_on_cpu_and_validates(gen, monkeypatch):
 
 
 def test_triton_ops_refuse_k_above_their_limit():
+    """topk_encode refuses in its forward (not first in backward, after the work); the
+    hierarchical loss is not linear in vals, so it does not split K as topk_decode does."""
     k = 1025
     vals, idx = torch.ones(2, k), torch.arange(k).repeat(2, 1)
     w, bias = torch.randn(k, 4), torch.zeros(4)
-    with pytest.raises(ValueError, match="k must be at most 1024 for the Triton kernels, got 1025"):
-        kernels.topk_decode(vals, idx, w, bias, backend="triton")
-    with pytest.raises(ValueError, match="k must be at most 1024 for the Triton kernels, got 1025"):
+    msg = "k must be at most 1024 for the Triton kernels, got 1025"
+    with pytest.raises(ValueError, match=msg):
+        kernels.topk_encode(torch.randn(2, 4), w, torch.zeros(k), k, backend="triton")
+    with pytest.raises(ValueError, match=msg):
         kernels.hierarchical_loss(vals, idx, w, bias, torch.zeros(2, 4), backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("deterministic", "wgrad"), [(False, "segment"), (False, "atomic"), (True, "segment")]
+)
+def test_ops_linear_in_vals_split_k_above_the_limit(deterministic, wgrad, gen, monkeypatch):
+    """topk_decode and encode_selected (whose dx is a decode over W_enc) with K > MAX_K: runs of
+    MAX_K steps summed, the bias once; MAX_K lowered to 4 so K = 10 takes three runs."""
+    from sae.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "MAX_K", 4)
+    monkeypatch.setenv("SAE_KERNELS_WGRAD", wgrad)
+    b, d, f, k = 5, 37, 40, 10
+    vals, idx, w, bias, x = sparse_inputs(b, d, f, k, gen)
+    w_enc, b_enc = torch.randn(f, d, generator=gen) / d**0.5, torch.randn(f, generator=gen) * 0.1
+    with torch.no_grad():
+        cand, cand_idx = kernels.topk_encode(x, w_enc, b_enc, k, backend="torch")
+    grad_out, weights = torch.randn(b, d, generator=gen), torch.randn(b, k, generator=gen)
+
+    def run(ps, backend):
+        v, w_, b_, x_, w_e, b_e, c = ps
+        det = {"backend": backend, "deterministic": deterministic}
+        out = kernels.topk_decode(v, idx, w_, b_, **det)
+        sel = kernels.encode_selected(x_, w_e, b_e, c, cand_idx, **det)
+        ((out * grad_out.to(out.dtype)).sum() + (sel * weights.to(sel.dtype)).sum()).backward()
+        return out, sel
+
+    inputs = (vals, w, bias, x, w_enc, b_enc, cand)
+    ours, ref = leaves(*inputs), leaves(*inputs, dtype=torch.float64)
+    for a, r in zip(run(ours, "triton"), run(ref, "torch"), strict=True):
+        assert rel_err(a, r) < TOL
+    names = ("vals", "W_dec", "b_dec", "x", "W_enc", "b_enc", "selected vals")
+    for name, a, r in zip(names, ours, ref, strict=True):
+        assert rel_err(a.grad, r.grad) < TOL, name

@@ -44,6 +44,19 @@ def test_negative_rows_and_infinities(gen):
         assert_exact_topk(x, k, *row_topk(x, k, "select"))
 
 
+def test_rows_mostly_minus_inf_with_padding_groups(gen):
+    """n = 3000, k = 300: 1,500 groups of 2 padded to 2,048, so 548 padding groups. They rank
+    below groups of -infs; tied with them, pass 2 read padding instead of real -infs (NaNs and
+    wrong columns came out)."""
+    x = torch.full((5, 3000), float("-inf"))
+    x[0, [5, 700, 2500]] = torch.tensor([1.0, 2.0, 3.0])
+    x[1, :400] = torch.randn(400, generator=gen)
+    x[2, 2990:] = -torch.rand(10, generator=gen)  # the finite values in the ragged tail
+    x[3, ::2] = torch.randn(1500, generator=gen)  # every group holds one finite value
+    # row 4: all -inf
+    assert_exact_topk(x, 300, *row_topk(x, 300, "select"))
+
+
 def test_nans_rank_first_whatever_their_sign_as_in_torch_topk(gen):
     x = torch.randn(3, 2048, generator=gen)
     neg_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xFFC00000
@@ -93,7 +106,15 @@ def test_method_knob(monkeypatch):
     monkeypatch.delenv(TOPK_ENV)
     x = torch.randn(2, 1024)
     monkeypatch.setenv(TILE_ENV, "1000,8,4")
-    with pytest.raises(ValueError, match="SAE_KERNELS_TOPK_TILE: chunk must be a power of two"):
+    with pytest.raises(ValueError, match='SAE_KERNELS_TOPK_TILE="a,b,warps": a must be a power'):
+        row_topk(x, 4)
+    monkeypatch.setenv(TILE_ENV, "1024,3,4")  # groups per k: any count of at least 1
+    assert_exact_topk(x, 4, *row_topk(x, 4))
+    monkeypatch.setenv(TILE_ENV, "1024,0,4")
+    with pytest.raises(ValueError, match="b must be an integer of at least 1, got '1024,0,4'"):
+        row_topk(x, 4)
+    monkeypatch.setenv(TILE_ENV, "1024,8,3")
+    with pytest.raises(ValueError, match="warps must be one of 1, 2, 4, 8, 16, got '1024,8,3'"):
         row_topk(x, 4)
     monkeypatch.setenv(TILE_ENV, "1024,8")
     with pytest.raises(

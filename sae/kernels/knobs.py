@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import os
 
+WARPS = (1, 2, 4, 8, 16)
 
-def tile(env: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
-    """A kernel's (block, block, num_warps), or the override "a,b,warps" in `env`."""
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def tile(
+    env: str, default: tuple[int, int, int], pow2: tuple[bool, bool] = (True, True)
+) -> tuple[int, int, int]:
+    """A kernel's (block, block, num_warps), or the override "a,b,warps" in `env`: blocks must be
+    powers of two (tl.arange's sizes; `pow2` False for a count that is not a block, at least 1),
+    warps one of WARPS, checked here rather than deep in Triton."""
     override = os.environ.get(env)
     if not override:
         return default
@@ -15,6 +25,15 @@ def tile(env: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
         a, b, warps = (int(v) for v in override.split(","))
     except ValueError:
         raise ValueError(f'{env} must be three integers "a,b,warps", got {override!r}') from None
+    for name, n, block in (("a", a, pow2[0]), ("b", b, pow2[1])):
+        if not (_pow2(n) if block else n >= 1):
+            want = "a power of two" if block else "an integer of at least 1"
+            raise ValueError(f'{env}="a,b,warps": {name} must be {want}, got {override!r}')
+    if warps not in WARPS:
+        raise ValueError(
+            f'{env}="a,b,warps": warps must be one of {", ".join(map(str, WARPS))}, '
+            f"got {override!r}"
+        )
     return a, b, warps
 
 

@@ -65,7 +65,9 @@ def _row_keys(xrow, cols, N):
     # Every NaN, whatever its sign bit, ranks above +inf, as in torch.topk (a NaN with the sign
     # bit set would otherwise get the smallest key).
     x = tl.where(x != x, float("nan"), x)
-    return _order_key(x), valid
+    # Columns past N get the smallest key, which no value has (NaNs are positive here): below
+    # -inf's, so a padding group never ties with a group of -infs for pass 2's K groups.
+    return tl.where(valid, _order_key(x), -2147483648), valid
 
 
 @triton.jit
@@ -209,9 +211,8 @@ def row_topk(
     """
     chunk, per_k, warps = _TILE
     per_k = min(per_k, max(2, _SORTED_GROUPS // max(k, 1)))
-    chunk, per_k, warps = knobs.tile(TILE_ENV, (chunk, per_k, warps))
-    if chunk & (chunk - 1) or per_k < 1:
-        raise ValueError(f"{TILE_ENV}: chunk must be a power of two and groups per k >= 1")
+    # the chunk is a block (a power of two), groups per k a count
+    chunk, per_k, warps = knobs.tile(TILE_ENV, (chunk, per_k, warps), pow2=(True, False))
     ok = x.dim() == 2 and x.dtype in _DTYPES
     geom = _geometry(x.shape[1], k, chunk, per_k) if ok else None
     if (method or topk_method()) == "torch" or geom is None or x.shape[0] == 0:

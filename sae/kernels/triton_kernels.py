@@ -30,6 +30,17 @@ def _tile_mask(mb, md, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _step(o_steps, i, B):
+    """Offset of step i in the step-major (K, B) arrays: 64-bit where the caller made the row
+    offsets int64 (W or K·B past 2^31 elements), else 32-bit (64-bit steps throughout cost the
+    hierarchical loss 0.5% at B=8192, K=128 on an H200)."""
+    if o_steps.dtype.element_ty == tl.int64:
+        return tl.cast(i, tl.int64) * B
+    else:
+        return i * B
+
+
+@triton.jit
 def _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D: tl.constexpr, ALIGN: tl.constexpr):
     """Step i of a sweep over K for a block of rows: (v_i, row units of idx_i, W[idx_i] chunk).
 
@@ -42,8 +53,9 @@ def _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D: tl.constexpr, ALI
     gradient's atomics) tells the compiler the rows are aligned, which keeps the row loads and
     atomics vectorised.
     """
-    v = tl.load(v_steps + i * B, mask=mb, other=0.0).to(tl.float32)
-    units = tl.load(o_steps + i * B, mask=mb, other=0)
+    step = _step(o_steps, i, B)
+    v = tl.load(v_steps + step, mask=mb, other=0.0).to(tl.float32)
+    units = tl.load(o_steps + step, mask=mb, other=0)
     e = tl.load(w_cols + units[:, None] * ALIGN, mask=_tile_mask(mb, md, EVEN_D), other=0.0)
     return v, units, e.to(tl.float32)
 
@@ -101,6 +113,9 @@ def sparse_sweep_kernel(
     v_steps = vals_ptr + offs_b
     o_steps = off_ptr + offs_b
     w_cols = w_ptr + offs_d[None, :]
+    dots_rows = dots_ptr + offs_b
+    if DOT and not DOT_ATOMIC:
+        dots_rows += c.to(tl.int64) * stride_dots_chunk  # 64-bit: chunks·K·B may pass 2^31
     if DOT or SCATTER:
         vec = tl.load(
             vec_ptr + offs_b[:, None] * stride_vec + offs_d[None, :], mask=m2, other=0.0
@@ -112,10 +127,11 @@ def sparse_sweep_kernel(
             acc += v[:, None] * e
         if DOT:
             dots = tl.sum(vec * e, axis=1)
+            step = _step(o_steps, i, B)
             if DOT_ATOMIC:
-                tl.atomic_add(dots_ptr + i * B + offs_b, dots, mask=mb, sem="relaxed")
+                tl.atomic_add(dots_rows + step, dots, mask=mb, sem="relaxed")
             else:
-                tl.store(dots_ptr + c * stride_dots_chunk + i * B + offs_b, dots, mask=mb)
+                tl.store(dots_rows + step, dots, mask=mb)
         if SCATTER:
             tl.atomic_add(
                 gw_ptr + units[:, None] * ALIGN + offs_d[None, :],
@@ -183,7 +199,7 @@ def hierarchical_kernel(
     mb = offs_b < B
     offs_b = offs_b.to(tl.int64)
     c = tl.program_id(1)
-    chunk = d_start // BLOCK_D + c
+    chunk = (d_start // BLOCK_D + c).to(tl.int64)  # 64-bit offsets: chunks·K·B may pass 2^31
     offs_d = d_start + c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = offs_d < d_end
     m2 = _tile_mask(mb, md, EVEN_D)
@@ -205,16 +221,20 @@ def hierarchical_kernel(
             t += r
     tl.store(loss_part_ptr + chunk * B + offs_b, tl.sum(sq, axis=1), mask=mb)
     if WANT_GRAD:
+        gv_rows = gv_ptr + offs_b
+        if not GV_ATOMIC:
+            gv_rows += chunk * stride_gv_chunk
         tl.store(gr_ptr + offs_b[:, None] * stride_gr + offs_d[None, :], t, mask=m2)
         r = r0
         s = t
         for i in tl.range(0, K, num_stages=STAGES, loop_unroll_factor=UNROLL):
             v, units, e = _step_rows(v_steps, o_steps, w_cols, B, mb, md, i, EVEN_D, ALIGN)
             dots = tl.sum(s * e, axis=1)
+            step = _step(o_steps, i, B)
             if GV_ATOMIC:
-                tl.atomic_add(gv_ptr + i * B + offs_b, dots, mask=mb, sem="relaxed")
+                tl.atomic_add(gv_rows + step, dots, mask=mb, sem="relaxed")
             else:
-                tl.store(gv_ptr + chunk * stride_gv_chunk + i * B + offs_b, dots, mask=mb)
+                tl.store(gv_rows + step, dots, mask=mb)
             if GW_MODE == 1:
                 tl.atomic_add(
                     gw_ptr + units[:, None] * ALIGN + offs_d[None, :],

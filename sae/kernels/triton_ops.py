@@ -2,7 +2,7 @@
 
 The hierarchical loss computes its gradients in the forward pass (one gather of the dictionary
 rows serves the loss and every gradient) and only scales them by the incoming gradient in
-backward; under no_grad the same kernel runs with the gradient work compiled out.
+backward (W_dec's in place, so a graph takes one backward); under no_grad the same kernel runs with the gradient work compiled out.
 """
 
 from __future__ import annotations
@@ -23,22 +23,35 @@ from sae.kernels.triton_kernels import (
     sparse_sweep_kernel,
 )
 
-MAX_K = 1024
+MAX_K = 1024  # K of the row kernels and the top-k; decodes split larger K (k_runs)
 # Tests set SAE_KERNELS_POISON=1: outputs the kernels must fully write start as NaN, so an
 # element a kernel forgot to write fails the comparison instead of passing as stale zeros.
 POISON_ENV = "SAE_KERNELS_POISON"
 # Benchmark knob (read at call time): how the sparse ops accumulate W's gradient rows.
 WGRAD_ENV = "SAE_KERNELS_WGRAD"  # segment (default) | atomic
 STAGES_ENV = "SAE_KERNELS_STAGES"  # steps of loads in flight in the row kernels' sweeps
-INT32_OFFSETS_BELOW = 2**31  # elements of W up to which the row kernels' offsets are int32
+# elements of W and of the step-major (K, B) arrays up to which the row kernels' offsets into
+# them are int32 (cheaper in their loops); per-program offsets are int64 whatever the size
+INT32_OFFSETS_BELOW = 2**31
 UNROLL_ENV = "SAE_KERNELS_UNROLL"  # steps per iteration of the row kernels' sweeps (1: none)
+
+
+def check_k(k: int) -> None:
+    """The limit on K of the row kernels and the top-k (the decode ops split larger K)."""
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
+
+
+def k_runs(k: int) -> list[slice]:
+    """0..k in runs of at most MAX_K steps, for ops linear in the values (one run up to MAX_K)."""
+    return [slice(s, min(k, s + MAX_K)) for s in range(0, k, MAX_K)]
 
 
 def _tile(env: str, default: tuple[int, int, int], d: int, k: int | None = None):
     """A kernel's (rows or items, BLOCK_D, num_warps) from `env` or `default`, BLOCK_D clamped to
     [16, next_pow2(d)]; with k, also the row kernels' limit on K."""
-    if k is not None and k > MAX_K:
-        raise ValueError(f"k must be at most {MAX_K} for the Triton kernels, got {k}")
+    if k is not None:
+        check_k(k)
     rows, bd, warps = knobs.tile(env, default)
     return rows, max(16, min(bd, triton.next_power_of_2(d))), warps
 
@@ -134,11 +147,11 @@ def _segment_add(
 
 
 def _segment_sum(values: torch.Tensor, segs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per-latent sums of flattened values in a fixed order (float64 prefix sums)."""
-    order, seg = segs
-    csum = torch.zeros(order.numel() + 1, dtype=torch.float64, device=values.device)
-    csum[1:] = values.reshape(-1)[order].double().cumsum(0)
-    return csum[seg[1:]] - csum[seg[:-1]]
+    """Per-latent fp32 sums of the flattened values: the segment reduction over one column, each
+    latent summed by one program in a fixed order (CUDA's float cumsum is not deterministic)."""
+    out = _new((segs[1].numel() - 1, 1), torch.float32, values.device)
+    _segment_add(out, segs, values.float().reshape(-1, 1), None, 1, 0, 1)
+    return out[:, 0]
 
 
 def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,12 +165,14 @@ def _step_major(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, B) copies of vals (fp32) and of the row offsets idx · stride(W) / row_align(W): what
     the row kernels read, one contiguous run per step for a block of rows. Offsets are int32 when
-    every element of W is within 2^31 of its start (the kernels then skip a 64-bit multiply per
-    row and step), else int64. vals are fp32 whatever their dtype: 2-byte loads cannot be
+    every element of W is within 2^31 of its start and K·B < 2^31 (the kernels then skip a 64-bit
+    multiply per row and step), else int64, which also makes the kernels' step offsets into
+    these (K, B) arrays 64-bit. vals are fp32 whatever their dtype: 2-byte loads cannot be
     asynchronous copies, so bf16 values would be loaded synchronously inside the pipelined loops.
     """
     stride = w.stride(0)
-    dtype = torch.int32 if w.shape[0] * stride < INT32_OFFSETS_BELOW else torch.int64
+    narrow = max(w.shape[0] * stride, vals.numel()) < INT32_OFFSETS_BELOW
+    dtype = torch.int32 if narrow else torch.int64
     return _transposed(vals, torch.float32), _transposed(idx * (stride // row_align(w)), dtype)
 
 
@@ -215,7 +230,17 @@ def _sweep(out, dots, gw, vals_t, off_t, w, bias, vec, dot_atomic=True) -> None:
 
 
 def sparse_decode(vals, idx, w, bias, out_dtype) -> torch.Tensor:
-    """(B, D) = bias + Σ_k vals[:, k] · w[idx[:, k]] (bias may be None)."""
+    """(B, D) = bias + Σ_k vals[:, k] · w[idx[:, k]] (bias may be None).
+
+    K above MAX_K: the decode is linear in vals, so runs of MAX_K steps are decoded in fp32 and
+    summed, the bias added by the first only.
+    """
+    runs = k_runs(idx.shape[1])
+    if len(runs) > 1:
+        out = sparse_decode(vals[:, runs[0]], idx[:, runs[0]], w, bias, torch.float32)
+        for run in runs[1:]:
+            out += sparse_decode(vals[:, run], idx[:, run], w, None, torch.float32)
+        return out.to(out_dtype)
     n = idx.shape[0]
     out = _new((n, w.shape[1]), out_dtype, w.device)
     if n > 0:
@@ -254,21 +279,24 @@ def sparse_outer_backward(
     if want_dot:
         # Step-major (K, B): atomically added over chunks, or per-chunk partials (deterministic).
         if deterministic:
-            n_chunks = triton.cdiv(d, _sweep_geometry(k, d)[1])
+            n_chunks = triton.cdiv(d, _sweep_geometry(min(k, MAX_K), d)[1])
             dots = _new((n_chunks, k, n), torch.float32, w.device)
         else:
             dots = torch.zeros(k, n, dtype=torch.float32, device=w.device)
     if n > 0 and (atomic or want_dot):
-        _sweep(
-            None,
-            dots,
-            gw if atomic else None,
-            *_step_major(coef, idx, w),
-            w,
-            None,
-            vec,
-            not deterministic,
-        )
+        vals_t, off_t = _step_major(coef, idx, w)
+        for run in k_runs(k):  # one run up to MAX_K
+            _sweep(
+                None,
+                dots[..., run, :] if dots is not None else None,
+                gw if atomic else None,
+                vals_t[run],
+                off_t[run],
+                w,
+                None,
+                vec,
+                not deterministic,
+            )
     if want_w and not atomic and n > 0:
         segs = segs if segs is not None else latent_segments(idx, f)
         _segment_add(gw, segs, vec, coef.reshape(-1), k, 0, d)
@@ -383,19 +411,27 @@ class HierarchicalLoss(torch.autograd.Function):
         loss = loss_part.sum() / max(n * n_j, 1)
         if want_grad:
             gv = (gv if gv_atomic else gv.sum(0)).T  # (B, K) view of the step-major sums
-            ctx.save_for_backward(gv, gr, gw)
+            ctx.save_for_backward(gv, gr)
+        ctx.gw = gw  # not saved: backward scales it in place, so it serves one backward only
         ctx.meta = (n * n_j, vals.dtype, x.dtype, b_dec.dtype, w_dec.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        gv, gr, gw = ctx.saved_tensors
+        gv, gr = ctx.saved_tensors
+        gw, ctx.gw = ctx.gw, None  # released: a retained graph's second backward must not reuse it
         count, vals_dtype, x_dtype, b_dtype, w_dtype = ctx.meta
         c = 2.0 / max(count, 1)
         g_vals = g_w = g_b = g_x = None
         if ctx.needs_input_grad[0]:
             g_vals = (gv * (-c * grad_out)).to(vals_dtype)
         if ctx.needs_input_grad[2]:
+            if gw is None:
+                raise RuntimeError(
+                    "hierarchical_loss (Triton) supports one backward per forward: its W_dec "
+                    "gradient is scaled in place and released by the first; recompute the loss "
+                    'for another backward, or use backend="torch"'
+                )
             g_w = scale_inplace(gw, grad_out).to(w_dtype)
         if ctx.needs_input_grad[3]:
             g_b = (gr.sum(0) * (-c * grad_out)).to(b_dtype)
@@ -465,7 +501,7 @@ def _encoder_backward(ctx, grad_vals: torch.Tensor) -> tuple:
         g_w = gw.to(w_enc.dtype)
     if need_sums:
         if ctx.deterministic:
-            per_latent = _segment_sum(g, segs).float()
+            per_latent = _segment_sum(g, segs)
         else:
             per_latent = torch.zeros(f, dtype=torch.float32, device=g.device)
             per_latent.index_add_(0, idx.reshape(-1), g.reshape(-1))
@@ -485,6 +521,7 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, b_pre, k, deterministic):
+        check_k(k)  # before the matmul, not in backward
         x = _matmul_input(ctx, x, b_pre)
         # addmm: the bias rides in the matmul epilogue and, under autocast, the (B, F)
         # pre-activations stay bf16 (a separate `+ b_enc` would promote them to fp32).
@@ -514,4 +551,5 @@ class SelectedEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals):
-        return (*_encoder_backward(ctx, grad_vals), None, None, None)
+        g_vals = grad_vals if ctx.needs_input_grad[4] else None  # vals pass through, as given
+        return (*_encoder_backward(ctx, grad_vals), g_vals, None, None)
