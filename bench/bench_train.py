@@ -149,7 +149,7 @@ def kernel_only(
             widths={str(w): n for w, n in sorted(widths.items())},
         )
         print(
-            f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps decoded rows densely; "
+            f"batchtopk: {trainer.batchtopk_dense_steps} of {trainer.step} steps had rows short of candidates (taken in full); "
             f"candidates per row now {trainer.batchtopk_candidates or 'the initial 4k'}; "
             f"kernel rows decoded at each width {dict(sorted(widths.items()))}"
         )
