@@ -57,6 +57,12 @@ def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
     heldout = torch.from_numpy(cache.read_rows(start, stop)).float()
     expected = evaluate_sae(sae, [heldout], plan_settings("topk", F, 4, [1, 2, 4]))
     assert [r["k"] for r in doc["results"]] == [1, 2, 4]
+    # the split is all there is: asking for more rows would not help
+    assert doc["notes"] == [
+        f"only {doc['tokens']} rows evaluated: almost-dead (< 1e-5) needs >= 100000 rows to "
+        "differ from dead; this is all of the cache's held-out split (~1% of it): a cache of "
+        "10M tokens or more has enough"
+    ]
     assert doc["skipped"] == ["k=64 skipped: larger than the dictionary (32 latents)"]
     for got, want in zip(doc["results"], expected.rows, strict=True):
         assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-9)
@@ -72,6 +78,10 @@ def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
         assert torch.allclose(freq, expected.frequencies[f"top-{row['k']}"])
         assert int((freq == 0).sum()) == row["dead"]
         assert freq.sum() * rows == pytest.approx(row["l0"] * rows)
+    # fewer rows than the split holds: more can be asked for
+    run_cli(["eval", run, "--cache", cache_url, "--k", "1", "--tokens", "100", "--device", "cpu"])
+    notes = json.loads((tmp_path / "run" / "eval.json").read_text())["notes"]
+    assert notes[0].endswith("pass --tokens 1M or more"), notes
 
 
 def test_eval_refuses_a_cache_of_another_layer(tmp_path, cache_url, capsys) -> None:

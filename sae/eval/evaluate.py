@@ -83,6 +83,7 @@ class EvalResult:
     histograms: dict | None
     histogram_setting: str | None
     frequencies: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (F,) firing
+    all_heldout: bool = False  # every held-out row of the cache was evaluated (no more to ask)
 
     def top_ev(self, k: int) -> float | None:
         """EV with only the top-k latents per row (Table 2: k = 1, 2)."""

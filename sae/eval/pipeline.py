@@ -100,7 +100,10 @@ def evaluate_on_cache(
                 yield x
                 progress.advance(task, x.shape[0])
 
-        return evaluate_sae(sae, counted(), plan)
+        result = evaluate_sae(sae, counted(), plan)
+    start, stop = cache.heldout_rows
+    result.all_heldout = n == stop - start
+    return result
 
 
 def eval_document(run: str, sae, cache_url: str | None, result: EvalResult | None) -> dict:
@@ -143,9 +146,15 @@ def eval_document(run: str, sae, cache_url: str | None, result: EvalResult | Non
             "histograms": result.histograms,
         }
         if result.n_rows < 100_000:
+            more = (
+                "this is all of the cache's held-out split (~1% of it): a cache of 10M tokens "
+                "or more has enough"
+                if result.all_heldout
+                else "pass --tokens 1M or more"
+            )
             doc["notes"] = [
                 f"only {result.n_rows} rows evaluated: almost-dead (< 1e-5) needs >= 100000 "
-                "rows to differ from dead; pass --tokens 1M or more"
+                f"rows to differ from dead; {more}"
             ]
     else:
         doc["results"] = []
