@@ -283,7 +283,9 @@ def _batchtopk_sparse(
         counts = _batchtopk_counts(cand32, cut, short)
         short_counts = ((dense_acts >= cut) & (dense_acts > 0)).sum(1)
         sync = [(counts + width - 1) // width, (short_counts + width - 1) // width]
-        sync = [s.sum().reshape(1) for s in sync] + [short_counts.max().reshape(1)]
+        # (this rank may have no short rows when another rank had some)
+        widest = torch.cat([short_counts, short_counts.new_zeros(1)]).max().reshape(1)
+        sync = [s.sum().reshape(1) for s in sync] + [widest]
         n_pieces, n_short_pieces, widest = torch.cat(sync).tolist()  # a second sync
         groups = [(None, cand, cand_idx, counts, n_pieces)]
         if n_short_pieces:
