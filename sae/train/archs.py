@@ -274,7 +274,10 @@ def _batchtopk_sparse(
         # only raise the n_keep-th largest).
         short_rows = torch.argsort((~short).to(torch.int8), stable=True)[: int(flags[1])]
         with torch.no_grad(), _encoder_autocast(target, encoder_bf16):
-            pre = centered.index_select(0, short_rows) @ sae.W_enc.T + sae.b_enc
+            rows = centered.index_select(0, short_rows)
+            # topk_encode's formula (the bias inside addmm: bf16(mm + b) under autocast), so a
+            # short row's candidates keep their values in the pool and the cut can only rise
+            pre = torch.addmm(sae.b_enc.to(rows.dtype), rows, sae.W_enc.to(rows.dtype).T)
         dense_acts = pre.float().relu()
         pool = torch.cat(
             [cand32.masked_fill(short[:, None], 0).reshape(-1), dense_acts.reshape(-1)]
