@@ -266,8 +266,14 @@ def test_every_writer_gets_rows_and_rank_0_a_heldout_split(url):
     assert make_layout(40_000, 64, 1, None, None).shard_rows == 40_000  # one writer: as before
     big = make_layout(10**9, 2304, 8, None, None)
     assert (big.chunk_rows, big.shard_rows) == (2048, 65536)  # real sizes: the measured defaults
-    with pytest.raises(SaeError, match=r"writer\(s\) \[0\] without rows: .* at least 8192 tokens"):
-        make_layout(4000, 64, 2, 64, 256)
+    tiny = make_layout(300, 64, 2, None, None)  # chunks stay >= 16 rows: a held-out split remains
+    assert (tiny.chunk_rows, tiny.rank_rows(0), tiny.heldout_rows) == (16, 256, 16)
+    for total, sizes, least in ((4000, (64, 256), 4097), (40, (None, None), 257)):
+        with pytest.raises(
+            SaeError, match=rf"writer\(s\) \[0\] without rows: .* least {least} tok"
+        ):
+            CacheWriter(url, d_model=D, total_tokens=total, identity=IDENTITY, attrs={},
+                        chunk_rows=sizes[0], shard_rows=sizes[1], world_size=2)  # fmt: skip
     for rank in (0, 1):
         w = CacheWriter(
             url, d_model=D, total_tokens=4000, identity=IDENTITY, attrs={}, rank=rank, world_size=2
@@ -276,6 +282,23 @@ def test_every_writer_gets_rows_and_rank_0_a_heldout_split(url):
         w.close()
     cache = open_cache(url)
     assert cache.n_tokens == 4000 and cache.heldout_rows[1] > 0
+
+
+def test_cache_of_an_older_sae_with_an_empty_writer_still_resumes(tmp_path):
+    """A cache an older sae made with writer 0 empty (now refused at creation) keeps its stored
+    layout: writer 1 still opens and finishes it."""
+    from sae.store.layout import Layout
+    from sae.store.location import locate
+    from sae.store.writer import create_cache
+
+    url = str(tmp_path / "old")
+    create_cache(locate(url), Layout(3000, D, 32, 256, 2), IDENTITY, {}, None)
+    w = CacheWriter(url, d_model=D, total_tokens=3000, identity=IDENTITY, attrs={},
+                    chunk_rows=32, shard_rows=256, rank=1, world_size=2)  # fmt: skip
+    assert (w.row_start, w.target) == (0, 3000)
+    append_rows(w, 0, 3000, 1000)
+    w.close()
+    assert open_cache(url).n_tokens == 3000
 
 
 def test_more_ranks_than_chunks_is_refused_up_front(url):

@@ -32,6 +32,7 @@ MAX_WRITERS = 100_000  # record keys have five digits
 MAX_CHUNK_BYTES = 1 << 30
 MAX_SHARD_BYTES = 1 << 34
 FP16_MAX = 65504.0
+MIN_CHUNK_ROWS = 16  # the smallest chunk the defaults shrink to for a small multi-writer cache
 
 
 def _pow2_near(x: float) -> int:
@@ -120,12 +121,13 @@ def make_layout(
     if not isinstance(world_size, int) or world_size < 1:
         raise SaeError(f"world_size must be a positive integer, got {world_size!r}")
     # Writers own whole token chunks (SHARDS_PER_TOKEN_CHUNK shards): each needs at least one,
-    # and rank 0's first rows are the held-out split. Defaults shrink until every writer has one.
+    # and rank 0's first rows are the held-out split. Defaults shrink until every writer has one
+    # (chunks of at least MIN_CHUNK_ROWS, so the held-out split keeps rows besides position 0).
     per_writer = total_tokens // (world_size * SHARDS_PER_TOKEN_CHUNK)  # most rows per shard
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(d_model)
         if shard_rows is None and world_size > 1 and per_writer < chunk_rows:
-            chunk_rows = max(1, _pow2_below(per_writer))
+            chunk_rows = max(MIN_CHUNK_ROWS, _pow2_below(per_writer))
     if shard_rows is None:
         shard_rows = chunk_rows * CHUNKS_PER_SHARD
         if world_size > 1 and shard_rows > per_writer:
@@ -138,17 +140,21 @@ def make_layout(
         # A tiny cache needs no shard bigger than itself (keeps small caches small on disk).
         chunk_rows = min(chunk_rows, total_tokens)
         shard_rows = -(-total_tokens // chunk_rows) * chunk_rows
-    layout = Layout(total_tokens, d_model, chunk_rows, shard_rows, world_size)
-    empty = [r for r in range(world_size) if not layout.rank_rows(r)]
+    return Layout(total_tokens, d_model, chunk_rows, shard_rows, world_size)
+
+
+def check_every_writer_has_rows(layout: Layout) -> None:
+    """Refuse to create a cache where some writer owns no rows (writer 0 would leave it without
+    a held-out split). Only for new caches: one made by an older sae still opens and resumes."""
+    empty = [r for r in range(layout.world_size) if not layout.rank_rows(r)]
     if empty:
+        least = (layout.world_size - 1) * layout.token_chunk_rows + 1
         raise SaeError(
-            f"{total_tokens} tokens over {world_size} writers leave writer(s) {empty} without "
-            f"rows: each takes whole token chunks of {layout.token_chunk_rows} rows "
-            f"({SHARDS_PER_TOKEN_CHUNK} shards of {shard_rows}); harvest at least "
-            f"{world_size * layout.token_chunk_rows} tokens, use fewer ranks, or pass smaller "
-            "--shard-rows/--chunk-rows"
+            f"{layout.total_tokens} tokens over {layout.world_size} writers leave writer(s) "
+            f"{empty} without rows: each takes whole token chunks of {layout.token_chunk_rows} "
+            f"rows ({SHARDS_PER_TOKEN_CHUNK} shards of {layout.shard_rows}); harvest at least "
+            f"{least} tokens, use fewer ranks, or pass smaller --shard-rows/--chunk-rows"
         )
-    return layout
 
 
 def layout_from_attrs(attrs: dict) -> Layout:

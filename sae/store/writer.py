@@ -25,6 +25,7 @@ from sae.store.layout import (
     TOKEN_IDS,
     WRITERS,
     Layout,
+    check_every_writer_has_rows,
     make_layout,
 )
 from sae.store.location import Location, locate
@@ -158,6 +159,8 @@ class CacheWriter:
         self.loc = locate(url)
         self.rank = rank
         layout = make_layout(total_tokens, d_model, world_size, chunk_rows, shard_rows)
+        if overwrite or not self._holds_cache():  # a new cache (every rank checks alike)
+            check_every_writer_has_rows(layout)
         if overwrite and world_size > 1:
             if barrier is None:
                 raise SaeError(
@@ -237,6 +240,12 @@ class CacheWriter:
                     "rank 0 creates it: start rank 0 with the same path"
                 )
             time.sleep(0.2)
+
+    def _holds_cache(self) -> bool:
+        """Whether an sae cache already exists here (it keeps its own layout)."""
+        meta = self.loc.read_json("zarr.json")
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        return isinstance(attrs, dict) and "format" in attrs
 
     def _interrupted_creation(self, meta: dict) -> bool:
         """A group that create_cache began and a crash cut short: no attributes yet and nothing
