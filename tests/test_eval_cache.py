@@ -60,8 +60,8 @@ def test_eval_on_heldout_split(tmp_path, cache_url) -> None:
     # the split is all there is: asking for more rows would not help
     assert doc["notes"] == [
         f"only {doc['tokens']} rows evaluated: almost-dead (< 1e-5) needs >= 100000 rows to "
-        "differ from dead; this is all of the cache's held-out split (~1% of it): a cache of "
-        "10M tokens or more has enough"
+        "differ from dead; this is all of the cache's held-out split (~1% of it, position 0 "
+        "left out): a cache of 10,666,667 tokens or more has enough"  # context 16: 15/16 kept
     ]
     assert doc["skipped"] == ["k=64 skipped: larger than the dictionary (32 latents)"]
     for got, want in zip(doc["results"], expected.rows, strict=True):

@@ -83,7 +83,8 @@ class EvalResult:
     histograms: dict | None
     histogram_setting: str | None
     frequencies: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (F,) firing
-    all_heldout: bool = False  # every held-out row of the cache was evaluated (no more to ask)
+    # every held-out row of the cache was evaluated: the cache size that would give 100K rows
+    tokens_for_100k: int | None = None
 
     def top_ev(self, k: int) -> float | None:
         """EV with only the top-k latents per row (Table 2: k = 1, 2)."""

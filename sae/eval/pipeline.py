@@ -7,6 +7,7 @@ here, so it can be driven from Python (and tests) without the CLI.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from sae.atomic import atomic_write_text
 from sae.errors import SaeError
 from sae.eval.evaluate import EvalPlan, EvalResult, Setting, evaluate_sae
+from sae.store.layout import HELDOUT_FRACTION
 
 EVAL_FILE = "eval.json"
 
@@ -102,7 +104,10 @@ def evaluate_on_cache(
 
         result = evaluate_sae(sae, counted(), plan)
     start, stop = cache.heldout_rows
-    result.all_heldout = n == stop - start
+    if n == stop - start:  # all of the split: ~HELDOUT_FRACTION of the cache, less position 0
+        context = cache.context or 0
+        kept = 1 - 1 / context if context > 1 else 1.0
+        result.tokens_for_100k = math.ceil(100_000 / kept / HELDOUT_FRACTION)
     return result
 
 
@@ -147,9 +152,9 @@ def eval_document(run: str, sae, cache_url: str | None, result: EvalResult | Non
         }
         if result.n_rows < 100_000:
             more = (
-                "this is all of the cache's held-out split (~1% of it): a cache of 10M tokens "
-                "or more has enough"
-                if result.all_heldout
+                "this is all of the cache's held-out split (~1% of it, position 0 left out): "
+                f"a cache of {result.tokens_for_100k:,} tokens or more has enough"
+                if result.tokens_for_100k
                 else "pass --tokens 1M or more"
             )
             doc["notes"] = [
