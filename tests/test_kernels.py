@@ -388,7 +388,8 @@ def test_segment_sum_is_a_fixed_order_fp32_reduction(gen):
     float64, the same bits on a repeat."""
     from sae.kernels.triton_ops import _segment_sum, latent_segments
 
-    values = torch.randn(600, 5, generator=gen)
+    # positive values: a sum with cancellation could lose more than fp32's relative accuracy
+    values = torch.rand(600, 5, generator=gen) + 0.5
     idx = torch.randint(0, 4, (600, 5), generator=gen)
     segs = latent_segments(idx, 5)
     sums = _segment_sum(values, segs)
@@ -396,7 +397,7 @@ def test_segment_sum_is_a_fixed_order_fp32_reduction(gen):
         0, idx.reshape(-1), values.double().reshape(-1)
     )
     assert sums.dtype == torch.float32 and sums[4] == 0
-    assert rel_err(sums, want) < 1e-6
+    assert rel_err(sums, want) < TOL
     assert torch.equal(sums, _segment_sum(values, segs))
 
 
