@@ -117,7 +117,8 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]))
                 del trainer
-                torch.cuda.empty_cache() if args.device == "cuda" else None
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
             archs.CANDIDATES_PER_K, archs.MAX_CANDIDATES = saved
             sync(torch.device(args.device))
     print("\n| data | policy | step ms | × TopK | steps with dense rows | candidates at end |")

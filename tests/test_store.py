@@ -314,6 +314,11 @@ def test_more_ranks_than_chunks_is_refused_up_front(url):
     with pytest.raises(SaeError, match=r"train split of .* has 3 chunk\(s\) of rows for 4 ranks"):
         cache.batches(8, rank=3, world_size=4)
     assert sum(len(row_ids(b)) for b in cache.batches(8, rank=2, world_size=3)) > 0
+    # fewer kept rows per epoch than one batch: said, with the options that change it
+    with pytest.raises(
+        SaeError, match=r"rank 0 gets fewer than batch_size=200 rows per epoch .*--batch"
+    ):
+        next(iter(cache.batches(200, epochs=None)))
 
 
 def test_two_ranks_disjoint_complete_and_deterministic(url):

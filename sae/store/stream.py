@@ -28,6 +28,8 @@ import torch
 from sae.errors import SaeError
 
 CURSOR_VERSION = 1
+DEFAULT_SHUFFLE_BYTES = 1 << 30
+_DONE = object()
 
 
 def cache_digest(cache: Any) -> str:
@@ -35,10 +37,6 @@ def cache_digest(cache: Any) -> str:
     or copied cache keeps it), so a cursor is never resumed on another cache of the same shape."""
     what = {"identity": cache.identity, "total_tokens": int(cache.layout.total_tokens)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-DEFAULT_SHUFFLE_BYTES = 1 << 30
-_DONE = object()
 
 
 class _Failure:

@@ -22,6 +22,7 @@ from sae.kernels import (
 )
 from sae.runtime import RankInfo
 from sae.train import distributed as ddp
+from sae.train.config import MAX_SPARSE_K
 from sae.train.model import SparseAutoencoder
 
 
@@ -99,7 +100,7 @@ def forward_topk(
 # full, and the candidates double for the batches after.
 CANDIDATES_PER_K = 4
 # ... and never more than the sparse kernels take per row (their K limit).
-MAX_CANDIDATES = 1024  # sae.kernels.triton_ops.MAX_K
+MAX_CANDIDATES = MAX_SPARSE_K
 # Rows keep different numbers of activations; the sparse kernels take a fixed K per row. Each
 # row's kept prefix is cut into pieces of PACK_WIDTH, one kernel row per piece, and the pieces'
 # decodes are summed back per row: one encode and one decode call for the whole batch.
@@ -173,6 +174,11 @@ def _batchtopk_counts(cand: torch.Tensor, cut: torch.Tensor, short: torch.Tensor
     return keep.sum(1)
 
 
+def _piece_counts(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Pieces of `width` per row holding counts[r] kept activations."""
+    return (counts + width - 1) // width
+
+
 def _pieces(
     rows: torch.Tensor | None,
     vals: torch.Tensor,
@@ -185,7 +191,7 @@ def _pieces(
     cut into pieces of `width`: per piece its row (in `rows`, or r itself when None), its
     number within the row, its values, latents and which of its columns are kept."""
     n_rows, device = vals.shape[0], vals.device
-    pieces = (counts + width - 1) // width
+    pieces = _piece_counts(counts, width)
     # piece q of row r: its kernel row is first[r] + q, its columns q·width … q·width + width − 1
     local = torch.repeat_interleave(
         torch.arange(n_rows, device=device), pieces, output_size=n_pieces
@@ -263,8 +269,8 @@ def _batchtopk_sparse(
         any_short = ddp.any_rank(any_short, info)  # any rank short: all take the cut again
     width = min(PACK_WIDTH, n_cand)
     counts = _batchtopk_counts(cand32, cut, short)
-    pieces = (counts + width - 1) // width
-    sync = [any_short.float(), short.sum().reshape(1).float(), pieces.sum().reshape(1).float()]
+    n_pieces = _piece_counts(counts, width).sum().reshape(1)
+    sync = [any_short.float(), short.sum().reshape(1).float(), n_pieces.float()]
     flags = torch.cat(sync).tolist()  # the step's host sync
     groups = [(None, cand, cand_idx, counts, int(flags[2]))]
     if flags[0]:
@@ -285,10 +291,10 @@ def _batchtopk_sparse(
         cut = _batch_cut(pool, n_keep, info)
         counts = _batchtopk_counts(cand32, cut, short)
         short_counts = ((dense_acts >= cut) & (dense_acts > 0)).sum(1)
-        sync = [(counts + width - 1) // width, (short_counts + width - 1) // width]
         # (this rank may have no short rows when another rank had some)
         widest = torch.cat([short_counts, short_counts.new_zeros(1)]).max().reshape(1)
-        sync = [s.sum().reshape(1) for s in sync] + [widest]
+        sync = [_piece_counts(c, width).sum().reshape(1) for c in (counts, short_counts)]
+        sync.append(widest)
         n_pieces, n_short_pieces, widest = torch.cat(sync).tolist()  # a second sync
         groups = [(None, cand, cand_idx, counts, n_pieces)]
         if n_short_pieces:

@@ -19,9 +19,9 @@ B_DEC_INITS = ("median", "mean")
 ENCODER_DTYPES = ("bfloat16", "float32")
 ADAM_STATES = ("float32", "bfloat16")
 
-# Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
 # The sparse kernels' per-row K limit (sae.kernels.triton_ops.MAX_K; not imported: no triton here)
 MAX_SPARSE_K = 1024
+# Fields that must not change when a run is resumed (the rest may, e.g. --tokens to extend).
 RESUME_FIXED = (
     "d_model",
     "n_latents",

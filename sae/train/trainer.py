@@ -178,8 +178,8 @@ class Trainer:
     def _check_same_cache(self, saved: dict) -> None:
         """--resume on a cache of another model, layer, hook or context would train half a run
         on other activations; a field either side does not know (cfg defaults) is not compared."""
-        cfg = self.cfg
-        unknown = {"model": "", "layer": -1, "hook": "", "context": 0}
+        cfg, default = self.cfg, TrainConfig(cache="", out="")
+        unknown = {key: getattr(default, key) for key in ("model", "layer", "hook", "context")}
         differ = [
             f"{key} {saved.get(key)!r} (run) vs {getattr(cfg, key)!r} (cache)"
             for key, none in unknown.items()
