@@ -160,6 +160,8 @@ def test_dataset_shorter_than_budget_stops_cleanly(tiny, tmp_path):
     cache = open_cache(out)
     assert cache.n_tokens == report.committed
     assert cache.read_rows(0, cache.n_tokens).shape == (report.committed, 64)
+    # marked finished, so several writers' summary would count these rows (test_store.py)
+    assert cache.records[0].finished and cache.attrs["tokens_committed"] == report.committed
 
 
 def test_empty_dataset_is_an_error_and_writes_nothing(tiny, tmp_path):

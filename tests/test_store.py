@@ -301,6 +301,38 @@ def test_cache_of_an_older_sae_with_an_empty_writer_still_resumes(tmp_path):
     assert open_cache(url).n_tokens == 3000
 
 
+def test_writers_whose_input_ran_out_still_get_the_summary(url):
+    """Several writers stopping short of their ranges (the dataset ran out) are done once each
+    says so: the plain-zarr summary then counts their rows instead of staying at 0; a resumed
+    writer that commits more is no longer finished until it says so again."""
+
+    def group_attrs() -> dict:
+        return open_cache(url).attrs
+
+    shape = dict(d_model=D, total_tokens=4096, identity=IDENTITY, attrs={}, chunk_rows=32,
+                 shard_rows=64, world_size=2)  # fmt: skip
+    kept = {0: 300, 1: 200}
+    for rank in (0, 1):
+        w = CacheWriter(url, rank=rank, **shape)
+        append_rows(w, 0, kept[rank], 100)
+        w.input_ended()
+        w.close()
+        # rank 0 alone finished: rank 1 may still write, so the summary is not taken yet
+        assert group_attrs()["tokens_committed"] == (0 if rank == 0 else 500)
+    cache = open_cache(url)
+    assert cache.n_tokens == 500 and cache.attrs["stats"]["count"] == 500
+    assert not verify_cache(cache).problems
+    w = CacheWriter(url, rank=1, **shape)  # resumed with more text: active again
+    append_rows(w, 200, 264, 64)
+    assert group_attrs()["tokens_committed"] == 500
+    w.close()  # closed without input_ended() (e.g. stopped by Ctrl-C): not finished
+    assert group_attrs()["tokens_committed"] == 500 and open_cache(url).n_tokens == 564
+    w = CacheWriter(url, rank=1, **shape)
+    w.input_ended()
+    w.close()
+    assert group_attrs()["tokens_committed"] == 564
+
+
 def test_more_ranks_than_chunks_is_refused_up_front(url):
     """Ranks read whole chunks: with 3 train chunks, a 4th rank would get none (it used to say
     "the split has no rows left after filtering", which the split does not)."""

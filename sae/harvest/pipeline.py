@@ -229,6 +229,8 @@ def run_harvest(
                 drop=committed - rows_before,
                 stream_rows=rows_before,
             )
+            if exhausted:
+                writer.input_ended()
         finally:
             batches.close()
     return HarvestReport(

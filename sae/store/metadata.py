@@ -89,6 +89,9 @@ class CommitRecord:
     resume_rows: int = 0
     resume_state: dict | None = None
     updated: str = ""
+    # The writer stopped short of its range for good (its input ran out): the cache's summary
+    # may then count it as done.
+    finished: bool = False
 
     def to_json(self, layout: Layout) -> dict:
         start, stop = layout.rank_range(self.rank)
@@ -103,6 +106,7 @@ class CommitRecord:
                 "committed": self.committed,
                 "stats": self.stats.to_json(),
                 "resume": {"rows": self.resume_rows, "state": self.resume_state},
+                "finished": self.finished,
                 "updated": now_utc(),
             },
         }
@@ -137,4 +141,7 @@ def read_record(loc: Location, layout: Layout, rank: int) -> CommitRecord:
         raise SaeError(f"{where}: resume rows {rows!r} are not within the committed rows")
     if state is not None and not isinstance(state, dict):
         raise SaeError(f"{where}: resume state is not an object")
-    return CommitRecord(rank, committed, stats, rows, state, str(attrs.get("updated", "")))
+    finished = attrs.get("finished", False) is True
+    return CommitRecord(
+        rank, committed, stats, rows, state, str(attrs.get("updated", "")), finished
+    )

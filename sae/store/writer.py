@@ -313,6 +313,7 @@ class CacheWriter:
         self._thread.start()
         self._closed = False
         self._interrupted = False  # an append() stopped part-way (see close())
+        self._input_ended = False  # input_ended(): the dataset ran out short of the range
 
     def _new_block(self, start: int) -> _Block:
         block = self._free.get()
@@ -405,6 +406,15 @@ class CacheWriter:
         self._todo.put(None)
         self._thread.join()
         self._raise_if_failed()
+        if self._input_ended and not self._interrupted:
+            self._record.finished = True
+            self.loc.write_json(record_key(self.rank), self._record.to_json(self.layout))
+            self._refresh_summary()
+
+    def input_ended(self) -> None:
+        """Say that no more rows will come (the dataset ran out before this writer's range was
+        full), so that closing marks the writer finished and the cache's summary can count it."""
+        self._input_ended = True
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -460,6 +470,7 @@ class CacheWriter:
                 rec.resume_rows, rec.resume_state = self._pending_states.pop(0)
         rec.stats.merge(stats)
         rec.committed = committed
+        rec.finished = False
         self.loc.write_json(record_key(self.rank), rec.to_json(self.layout))
         self._committed = committed
         self._refresh_summary()
@@ -467,13 +478,14 @@ class CacheWriter:
     def _refresh_summary(self) -> None:
         """Mirror the total into the group attributes for plain-zarr readers.
 
-        Only when the result is the same whichever writer computes it (one writer, or all done),
-        so concurrent writers never race to different contents.
+        Only when the result is the same whichever writer computes it (one writer, or all done:
+        full, or finished short because their input ran out), so concurrent writers never race
+        to different contents.
         """
         layout = self.layout
         records = [read_record(self.loc, layout, r) for r in range(layout.world_size)]
         done = all(
-            r.committed == layout.rank_range(r.rank)[1] - layout.rank_range(r.rank)[0]
+            r.finished or r.committed == layout.rank_range(r.rank)[1] - layout.rank_range(r.rank)[0]
             for r in records
         )
         if layout.world_size > 1 and not done:
