@@ -35,7 +35,10 @@ def realistic_block(rows: int, d: int, seed: int) -> np.ndarray:
     return x
 
 
-def write_cache(path: str, rows: int) -> dict:
+def write_cache(path: str, rows: int, durable: bool = False) -> dict:
+    """CacheWriter's write rate; durable: the clock stops only once everything is on disk
+    (os.sync after close), the fair measure between writers that fsync and writers that
+    leave the page cache to flush later."""
     base = realistic_block(65536, D, 0)
     ident = {"model": "bench", "layer": 12, "d_model": D, "context": 1024}
     w = CacheWriter(path, d_model=D, total_tokens=rows, identity=ident, attrs={}, overwrite=True)
@@ -48,8 +51,10 @@ def write_cache(path: str, rows: int) -> dict:
         block = torch.from_numpy(base[rng.integers(0, len(base), k)])
         w.append(block, np.arange(i, i + k) % 50000, pos[:k])
     w.close()
+    if durable:
+        os.sync()
     dt = time.perf_counter() - t0
-    return {"rows": rows, "seconds": dt, "GB/s": rows * D * 2 / dt / 1e9}
+    return {"rows": rows, "durable": durable, "seconds": dt, "GB/s": rows * D * 2 / dt / 1e9}
 
 
 def drop_page_cache(path: str) -> str:

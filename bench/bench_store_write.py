@@ -22,9 +22,11 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/bench-store-write")
     parser.add_argument("--rows", type=int, default=1_500_000)
     parser.add_argument("--label", default="")
+    parser.add_argument("--durable", action="store_true", help="stop the clock after os.sync()")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
-    result = write_cache(args.dir, args.rows)
+    os.sync()  # start from a clean page cache
+    result = write_cache(args.dir, args.rows, durable=args.durable)
     shutil.rmtree(args.dir, ignore_errors=True)
     import sae
 

@@ -6,7 +6,8 @@ the old file or the new one, plus at most a stray `.tmp` that the next write rep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -28,3 +29,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def fsync_files(root: Path, keys: Iterable[str]) -> None:
+    """Flush the files root/key, and the folders that name them, to disk: after this, a power
+    cut keeps them as they are now (a rename is durable only once its folder is synced)."""
+    folders = []
+    for key in keys:
+        path = root / key
+        _fsync_path(path)
+        if path.parent not in folders:
+            folders.append(path.parent)
+    if os.name == "posix":  # folders cannot be opened for fsync elsewhere (Windows)
+        for folder in folders:
+            _fsync_path(folder)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

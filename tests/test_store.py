@@ -333,6 +333,38 @@ def test_writers_whose_input_ran_out_still_get_the_summary(url):
     assert group_attrs()["tokens_committed"] == 564
 
 
+def test_every_data_file_is_synced_before_its_commit(tmp_path):
+    """The files a local writer fsyncs before each commit are exactly the cache's data files
+    (activation shards, token and position chunks), so none is left to the page cache; a file
+    that is not there stops the writer with its error instead of a commit."""
+    from sae.atomic import fsync_files
+
+    url = tmp_path / "cache"
+    w = CacheWriter(
+        str(url),
+        d_model=D,
+        total_tokens=5000,
+        identity=IDENTITY,
+        attrs={},
+        chunk_rows=32,
+        shard_rows=128,
+    )  # fmt: skip (3 token chunks of 16 shards)
+    append_rows(w, 0, w.target, 1000)
+    w.close()
+    synced = set()
+    for b0 in range(0, w.target, 128):  # the writer's blocks: one shard each
+        synced |= set(w._files_of_rows(w.row_start + b0, w.row_start + min(b0 + 128, w.target)))
+    written = {
+        p.relative_to(url).as_posix()
+        for p in url.rglob("*")
+        if p.is_file() and "/c/" in p.relative_to(url).as_posix()
+    }
+    assert synced == written and any(k.startswith("activations/") for k in synced)
+    fsync_files(url, sorted(synced))
+    with pytest.raises(FileNotFoundError):
+        fsync_files(url, ["token_ids/c/99"])
+
+
 def test_more_ranks_than_chunks_is_refused_up_front(url):
     """Ranks read whole chunks: with 3 train chunks, a 4th rank would get none (it used to say
     "the split has no rows left after filtering", which the split does not)."""

@@ -1,9 +1,10 @@
 """CacheWriter: append activations from the harvest; a background thread writes whole shards.
 
 Crash safety comes from ordering: a shard's data and its token rows are written (each object
-replaced atomically) before the writer's commit record moves past them, so a killed writer loses
-at most the rows after its last commit, and a reader, which trusts only commit records, never sees
-rows that were not fully written.
+replaced atomically, and on a local disk fsync'd) before the writer's commit record moves past
+them, so a killed writer, or a machine that loses power, loses at most the rows after its last
+commit, and a reader, which trusts only commit records, never sees rows that were not fully
+written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sae.atomic import fsync_files
 from sae.errors import SaeError
 from sae.store.layout import (
     ACTIVATIONS,
@@ -311,6 +313,16 @@ class CacheWriter:
             target=self._run, name=f"cache-writer-{self.rank}", daemon=True
         )
         self._thread.start()
+        # Local caches: a second thread makes each shard's files durable (fsync) while the first
+        # encodes the next shard, and only then commits (see _run_durable).
+        self._durable: queue.Queue[tuple[list[str], int, RunningStats] | None] | None = None
+        self._durable_thread: threading.Thread | None = None
+        if self.loc.local is not None:
+            self._durable = queue.Queue(maxsize=1)
+            self._durable_thread = threading.Thread(
+                target=self._run_durable, name=f"cache-sync-{self.rank}", daemon=True
+            )
+            self._durable_thread.start()
         self._closed = False
         self._interrupted = False  # an append() stopped part-way (see close())
         self._input_ended = False  # input_ended(): the dataset ran out short of the range
@@ -405,6 +417,8 @@ class CacheWriter:
             self._submit(last=True)
         self._todo.put(None)
         self._thread.join()
+        if self._durable_thread is not None:
+            self._durable_thread.join()
         self._raise_if_failed()
         if self._input_ended and not self._interrupted:
             self._record.finished = True
@@ -441,6 +455,8 @@ class CacheWriter:
         while True:
             block = self._todo.get()
             if block is None:
+                if self._durable is not None:
+                    self._durable.put(None)
                 return
             try:
                 if self._error is None:
@@ -461,7 +477,35 @@ class CacheWriter:
             self._acts[g0:g1] = b.acts[: b.fill]
         self._tokens[g0:g1] = b.tokens[: b.fill]
         self._positions[g0:g1] = b.positions[: b.fill]
-        self._commit(b.start + b.fill, b.stats)
+        if self._durable is None:  # object stores: each PUT is durable when it returns
+            self._commit(b.start + b.fill, b.stats)
+        else:
+            self._durable.put((self._files_of_rows(g0, g1), b.start + b.fill, b.stats))
+
+    def _files_of_rows(self, g0: int, g1: int) -> list[str]:
+        """Keys of the files that hold global rows [g0, g1): activation shards, token and
+        position chunks."""
+        keys = []
+        for name, array in ((TOKEN_IDS, self._tokens), (POSITIONS, self._positions)):
+            step = array.shards[0] if array.shards else array.chunks[0]
+            keys += [f"{name}/c/{i}" for i in range(g0 // step, (g1 - 1) // step + 1)]
+        step = self.layout.shard_rows
+        keys += [f"{ACTIVATIONS}/c/{i}/0" for i in range(g0 // step, (g1 - 1) // step + 1)]
+        return keys
+
+    def _run_durable(self) -> None:
+        """fsync a shard's files and their folders, then commit the rows they hold: the commit
+        record (itself fsync'd) never counts rows that a power cut or node crash could take back.
+        Runs beside _run, so the disk flushes one shard while the next is encoded."""
+        assert self._durable is not None and self.loc.local is not None
+        while (item := self._durable.get()) is not None:
+            keys, committed, stats = item
+            try:
+                if self._error is None:
+                    fsync_files(self.loc.local, keys)
+                    self._commit(committed, stats)
+            except BaseException as err:  # reported to the caller on its next call
+                self._error = err
 
     def _commit(self, committed: int, stats: RunningStats) -> None:
         rec = self._record
