@@ -1,7 +1,8 @@
 """Whole-file writes that a reader (or a resumed run) never sees half done.
 
-Write to a sibling temporary name, then rename over the target: a killed process leaves either
-the old file or the new one, plus at most a stray `.tmp` that the next write replaces.
+Write to a sibling temporary name, flush it, then rename over the target: a killed process (or a
+power cut) leaves either the old file or the new one, plus at most a stray `.tmp` that the next
+write replaces.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ def tmp_path(path: Path) -> Path:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call write(temporary path), then rename it over `path`."""
+    """Call write(temporary path), flush it to disk, then rename it over `path` (so a power cut
+    leaves the old file or the whole new one, never a renamed empty one)."""
     path = Path(path)
     tmp = tmp_path(path)
     write(tmp)
+    _fsync_path(tmp)
     tmp.replace(path)
     return path
 
