@@ -35,14 +35,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def fsync_files(root: Path, keys: Iterable[str]) -> None:
-    """Flush the files root/key, and the folders that name them, to disk: after this, a power
-    cut keeps them as they are now (a rename is durable only once its folder is synced)."""
-    folders = []
+    """Flush the files root/key, the folders that name them and the folders above those (which
+    name folders made for them) to disk: after this, a power cut keeps them as they are now (a
+    rename, or a new folder, is durable only once the folder holding its name is synced)."""
+    folders: list[Path] = []
     for key in keys:
         path = root / key
         _fsync_path(path)
-        if path.parent not in folders:
-            folders.append(path.parent)
+        for folder in (path.parent, path.parent.parent):
+            if folder not in folders:
+                folders.append(folder)
     if os.name == "posix":  # folders cannot be opened for fsync elsewhere (Windows)
         for folder in folders:
             _fsync_path(folder)
