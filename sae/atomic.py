@@ -8,6 +8,7 @@ write replaces.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,14 +36,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def fsync_files(root: Path, keys: Iterable[str]) -> None:
-    """Flush the files root/key, the folders that name them and the folders above those (which
-    name folders made for them) to disk: after this, a power cut keeps them as they are now (a
-    rename, or a new folder, is durable only once the folder holding its name is synced)."""
+    """Flush the files root/key and every folder from theirs up to root to disk: after this, a
+    power cut keeps them as they are now (a rename, or a new folder, is durable only once the
+    folder holding its name is synced)."""
     folders: list[Path] = []
     for key in keys:
-        path = root / key
-        _fsync_path(path)
-        for folder in (path.parent, path.parent.parent):
+        _fsync_path(root / key)
+        parts = key.split("/")[:-1]
+        for depth in range(len(parts), -1, -1):
+            folder = root.joinpath(*parts[:depth])
             if folder not in folders:
                 folders.append(folder)
     if os.name == "posix":  # folders cannot be opened for fsync elsewhere (Windows)
@@ -50,8 +52,25 @@ def fsync_files(root: Path, keys: Iterable[str]) -> None:
             _fsync_path(folder)
 
 
+def durable_replace(path: Path, data: object) -> None:
+    """Replace `path` with the bytes of `data` (any buffer), flushed to disk before the rename:
+    a killed process or a power cut leaves the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    # Windows flushes only through a handle opened for writing; POSIX folders open read-only.
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
     try:
         os.fsync(fd)
     finally:

@@ -303,8 +303,8 @@ def test_cache_of_an_older_sae_with_an_empty_writer_still_resumes(tmp_path):
 
 def test_writers_whose_input_ran_out_still_get_the_summary(url):
     """Several writers stopping short of their ranges (the dataset ran out) are done once each
-    says so: the plain-zarr summary then counts their rows instead of staying at 0; a resumed
-    writer that commits more is no longer finished until it says so again."""
+    says so: the plain-zarr summary then counts their rows instead of staying at 0; a writer
+    reopened to write more is no longer finished until it says so again."""
 
     def group_attrs() -> dict:
         return open_cache(url).attrs
@@ -323,6 +323,7 @@ def test_writers_whose_input_ran_out_still_get_the_summary(url):
     assert cache.n_tokens == 500 and cache.attrs["stats"]["count"] == 500
     assert not verify_cache(cache).problems
     w = CacheWriter(url, rank=1, **shape)  # resumed with more text: active again
+    assert not open_cache(url).records[1].finished  # from the moment it is opened
     append_rows(w, 200, 264, 64)
     assert group_attrs()["tokens_committed"] == 500
     w.close()  # closed without input_ended() (e.g. stopped by Ctrl-C): not finished
@@ -732,6 +733,43 @@ def test_missing_shard_is_named_not_read_as_zeros(tmp_path, where):
     np.testing.assert_array_equal(cache.read_rows(0, 192), rows_for(0, 192).astype(np.float16))
     with pytest.raises(ChunkCorrupt, match="activation shard 3 is missing"):
         cache.read_rows(150, 200)
+
+
+@pytest.mark.parametrize("where", ["local", "local-zstd", "local-blosc", "memory"])
+def test_a_shard_of_zeros_is_written_like_any_other(tmp_path, where):
+    """A model that emits NaN for a whole shard gets it sanitised to zeros; zarr skips writing an
+    all-fill-value shard unless the array was opened to write empty chunks, and the cache then
+    reported it missing (and the local writer's fsync could not find it)."""
+    url = f"memory://zeros-{uuid.uuid4().hex}" if where == "memory" else str(tmp_path / "c")
+    compression = where.split("-")[1] if "-" in where else None
+    w = CacheWriter(url, d_model=D, total_tokens=192, identity=IDENTITY, attrs={},
+                    chunk_rows=32, shard_rows=64, compression=compression)  # fmt: skip
+    nan = np.full((64, D), np.nan, np.float32)
+    for g, x in ((0, rows_for(0, 64)), (64, nan), (128, rows_for(128, 64))):
+        w.append(x, np.arange(g, g + 64), np.arange(g, g + 64) % CONTEXT)
+    w.close()
+    cache = open_cache(url)
+    assert cache.n_tokens == 192 and not verify_cache(cache).problems
+    got = cache.read_rows(0, 192)
+    assert not got[64:128].any()
+    np.testing.assert_array_equal(got[128:], rows_for(128, 64).astype(np.float16))
+
+
+def test_durable_replace_keeps_the_old_file_when_a_write_fails(tmp_path):
+    """The writer's zarr store rewrites token chunks that hold committed rows through
+    durable_replace: a write that fails part-way leaves the old file whole and no temporary."""
+    from sae.atomic import durable_replace
+    from sae.store.location import locate
+
+    path = tmp_path / "token_ids" / "c" / "0"
+    durable_replace(path, b"committed rows")
+    with pytest.raises(TypeError):
+        durable_replace(path, object())  # not a buffer: fails inside the write
+    assert path.read_bytes() == b"committed rows"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["0"]
+    store = locate(str(tmp_path)).store(durable=True)
+    assert type(store).__name__ == "DurableLocalStore"
+    assert type(locate(str(tmp_path)).store(read_only=True)).__name__ == "LocalStore"
 
 
 def test_creation_cut_short_is_created_over(tmp_path, monkeypatch):

@@ -28,10 +28,16 @@ class Location:
     url: str
     local: Path | None
 
-    def store(self, *, read_only: bool = False) -> Any:
+    def store(self, *, read_only: bool = False, durable: bool = False) -> Any:
+        """The zarr store; durable: local writes are flushed to disk before they replace a file
+        (the cache writer's, see durable_store.py)."""
         import zarr.storage
 
         if self.local is not None:
+            if durable and not read_only:
+                from sae.store.durable_store import DurableLocalStore
+
+                return DurableLocalStore(self.local)
             return zarr.storage.LocalStore(self.local, read_only=read_only)
         try:
             return zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)

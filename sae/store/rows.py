@@ -181,9 +181,13 @@ def mmap_supported(root: Path | None, array_meta: dict, layout: Layout) -> bool:
     )
 
 
-def write_shard_file(root: Path, layout: Layout, shard: int, rows: np.ndarray) -> None:
+def write_shard_file(
+    root: Path, layout: Layout, shard: int, rows: np.ndarray, *, sync: bool = False
+) -> None:
     """Encode one shard exactly as zarr's sharding codec (bytes + crc32c inner chunks, index at the
-    end with its own crc32c) and replace the file atomically.
+    end with its own crc32c) and replace the file atomically; sync: flushed to disk before the
+    rename, for a rewrite of a shard that already holds committed rows (a new shard is synced by
+    the writer after the rename, before any record counts it).
 
     Used for local uncompressed caches, where it writes at disk speed without zarr's per-chunk
     copies; zarr reads the result like any other shard (tested).
@@ -211,4 +215,7 @@ def write_shard_file(root: Path, layout: Layout, shard: int, rows: np.ndarray) -
         raw = index.tobytes()
         f.write(raw)
         f.write(np.uint32(crc32c(raw)).astype("<u4").tobytes())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)

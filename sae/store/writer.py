@@ -279,15 +279,22 @@ class CacheWriter:
     def _finish_init(self) -> None:
         import zarr
 
-        group = zarr.open_group(self.loc.store(), mode="r+")
+        group = zarr.open_group(self.loc.store(durable=True), mode="r+")
         self._group = group
-        self._acts = group[ACTIVATIONS]
-        self._tokens = group[TOKEN_IDS]
-        self._positions = group[POSITIONS]
+        # zarr keeps write_empty_chunks from creation only in the array object, not on disk; a
+        # reopened array skips all-zero chunks (a shard of sanitised NaNs), which the cache's
+        # readers and fsync expect to find: the setting is taken when the array is opened.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self._acts = group[ACTIVATIONS]
+            self._tokens = group[TOKEN_IDS]
+            self._positions = group[POSITIONS]
         meta = self.loc.read_json(f"{ACTIVATIONS}/zarr.json") or {}
         self._fast_shards = mmap_supported(self.loc.local, meta, self.layout)
         self.row_start, self.row_stop = self.layout.rank_range(self.rank)
         record = read_record(self.loc, self.layout, self.rank)
+        if record.finished:  # writing again: not done until it says so (input_ended) again
+            record.finished = False
+            self.loc.write_json(record_key(self.rank), record.to_json(self.layout))
         self._record = record
         self._committed = record.committed
         self._appended = record.committed
@@ -315,7 +322,9 @@ class CacheWriter:
         self._thread.start()
         # Local caches: a second thread makes each shard's files durable (fsync) while the first
         # encodes the next shard, and only then commits (see _run_durable).
-        self._durable: queue.Queue[tuple[list[str], int, RunningStats] | None] | None = None
+        self._durable: (
+            queue.Queue[tuple[int, int, np.ndarray, np.ndarray, RunningStats] | None] | None
+        ) = None
         self._durable_thread: threading.Thread | None = None
         if self.loc.local is not None:
             self._durable = queue.Queue(maxsize=1)
@@ -470,17 +479,25 @@ class CacheWriter:
         g0 = self.row_start + b.start
         g1 = g0 + b.fill
         if self._fast_shards:
-            write_shard_file(
-                self.loc.local, self.layout, g0 // self.layout.shard_rows, b.acts[: b.fill]
-            )
+            shard = g0 // self.layout.shard_rows
+            write_shard_file(self.loc.local, self.layout, shard, b.acts[: b.fill], sync=b.pre > 0)
         else:
             self._acts[g0:g1] = b.acts[: b.fill]
-        self._tokens[g0:g1] = b.tokens[: b.fill]
-        self._positions[g0:g1] = b.positions[: b.fill]
+        tokens, positions = b.tokens[: b.fill], b.positions[: b.fill]
         if self._durable is None:  # object stores: each PUT is durable when it returns
+            self._write_token_rows(g0, g1, tokens, positions)
             self._commit(b.start + b.fill, b.stats)
-        else:
-            self._durable.put((self._files_of_rows(g0, g1), b.start + b.fill, b.stats))
+        else:  # copies: the block is refilled while the sync thread writes these
+            self._durable.put((g0, g1, tokens.copy(), positions.copy(), b.stats))
+
+    def _write_token_rows(
+        self, g0: int, g1: int, tokens: np.ndarray, positions: np.ndarray
+    ) -> None:
+        """Token ids and positions of global rows [g0, g1). Their chunks span several shards, so
+        each write rewrites rows already committed: locally, the durable store flushes the new
+        file before it replaces the old one."""
+        self._tokens[g0:g1] = tokens
+        self._positions[g0:g1] = positions
 
     def _files_of_rows(self, g0: int, g1: int) -> list[str]:
         """Keys of the files that hold global rows [g0, g1): activation shards, token and
@@ -494,16 +511,18 @@ class CacheWriter:
         return keys
 
     def _run_durable(self) -> None:
-        """fsync a shard's files and their folders, then commit the rows they hold: the commit
-        record (itself fsync'd) never counts rows that a power cut or node crash could take back.
-        Runs beside _run, so the disk flushes one shard while the next is encoded."""
+        """Write a shard's token ids and positions, fsync all its files and their folders, then
+        commit the rows they hold: the commit record (itself fsync'd) never counts rows that a
+        power cut or node crash could take back. Runs beside _run, so the disk flushes one shard
+        (and the flushes of the rewritten token chunks wait on it) while the next is encoded."""
         assert self._durable is not None and self.loc.local is not None
         while (item := self._durable.get()) is not None:
-            keys, committed, stats = item
+            g0, g1, tokens, positions, stats = item
             try:
                 if self._error is None:
-                    fsync_files(self.loc.local, keys)
-                    self._commit(committed, stats)
+                    self._write_token_rows(g0, g1, tokens, positions)
+                    fsync_files(self.loc.local, self._files_of_rows(g0, g1))
+                    self._commit(g1 - self.row_start, stats)
             except BaseException as err:  # reported to the caller on its next call
                 self._error = err
 
@@ -514,7 +533,6 @@ class CacheWriter:
                 rec.resume_rows, rec.resume_state = self._pending_states.pop(0)
         rec.stats.merge(stats)
         rec.committed = committed
-        rec.finished = False
         self.loc.write_json(record_key(self.rank), rec.to_json(self.layout))
         self._committed = committed
         self._refresh_summary()
