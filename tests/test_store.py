@@ -740,14 +740,18 @@ def test_a_shard_of_zeros_is_written_like_any_other(tmp_path, where):
     """A model that emits NaN for a whole shard gets it sanitised to zeros; zarr skips writing an
     all-fill-value shard unless the array was opened to write empty chunks, and the cache then
     reported it missing (and the local writer's fsync could not find it)."""
+    import zarr
+
     url = f"memory://zeros-{uuid.uuid4().hex}" if where == "memory" else str(tmp_path / "c")
     compression = where.split("-")[1] if "-" in where else None
+    before = zarr.config.get("array.write_empty_chunks")
     w = CacheWriter(url, d_model=D, total_tokens=192, identity=IDENTITY, attrs={},
                     chunk_rows=32, shard_rows=64, compression=compression)  # fmt: skip
     nan = np.full((64, D), np.nan, np.float32)
     for g, x in ((0, rows_for(0, 64)), (64, nan), (128, rows_for(128, 64))):
         w.append(x, np.arange(g, g + 64), np.arange(g, g + 64) % CONTEXT)
     w.close()
+    assert zarr.config.get("array.write_empty_chunks") == before  # no process-wide change
     cache = open_cache(url)
     assert cache.n_tokens == 192 and not verify_cache(cache).problems
     got = cache.read_rows(0, 192)

@@ -44,6 +44,24 @@ from sae.store.stats import RunningStats, sanitize_block
 COMPRESSIONS = (None, "zstd", "blosc")
 
 
+_ZARR_CONFIG_LOCK = threading.Lock()
+
+
+def _writing_empty_chunks(group: Any, name: str) -> Any:
+    """group[name], opened to write all-zero chunks too. zarr keeps write_empty_chunks from
+    creation only in the array object, not on disk; a reopened array skips all-zero chunks (a
+    shard of sanitised NaNs), which the cache's readers and fsync expect to find."""
+    array = group[name]
+    if hasattr(array, "with_config"):  # zarr >= 3.1.6: no process-wide change
+        return array.with_config({"write_empty_chunks": True})
+    import zarr
+
+    # Older zarr reads the setting from its global config when an array is opened; the lock
+    # keeps writers opened from several threads from restoring each other's value.
+    with _ZARR_CONFIG_LOCK, zarr.config.set({"array.write_empty_chunks": True}):
+        return group[name]
+
+
 @dataclass
 class _Block:
     """One shard's worth of rows in host memory, filled by append and written by the thread."""
@@ -281,13 +299,9 @@ class CacheWriter:
 
         group = zarr.open_group(self.loc.store(durable=True), mode="r+")
         self._group = group
-        # zarr keeps write_empty_chunks from creation only in the array object, not on disk; a
-        # reopened array skips all-zero chunks (a shard of sanitised NaNs), which the cache's
-        # readers and fsync expect to find: the setting is taken when the array is opened.
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            self._acts = group[ACTIVATIONS]
-            self._tokens = group[TOKEN_IDS]
-            self._positions = group[POSITIONS]
+        self._acts = _writing_empty_chunks(group, ACTIVATIONS)
+        self._tokens = _writing_empty_chunks(group, TOKEN_IDS)
+        self._positions = _writing_empty_chunks(group, POSITIONS)
         meta = self.loc.read_json(f"{ACTIVATIONS}/zarr.json") or {}
         self._fast_shards = mmap_supported(self.loc.local, meta, self.layout)
         self.row_start, self.row_stop = self.layout.rank_range(self.rank)
