@@ -3,8 +3,8 @@
 The writer rewrites token and position chunks that already hold committed rows (each chunk spans
 several shards). zarr's own LocalStore writes such a file in place in some versions (3.0.x) and
 renames an unsynced temporary file in others, so a killed process, or a power cut, could take
-committed rows back. Every write here goes through `durable_replace` instead: temporary file,
-fsync, rename. The rename itself becomes durable when the writer syncs the folder before its
+committed rows back; and the cache's metadata files were never flushed at all. Every write
+here goes through `durable_replace` instead: temporary file, fsync, rename. The rename itself becomes durable when the writer syncs the folder before its
 commit record counts the rows (`fsync_files`).
 """
 
@@ -19,6 +19,10 @@ from sae.atomic import durable_replace
 
 class DurableLocalStore(zarr.storage.LocalStore):
     async def set(self, key: str, value) -> None:  # value: zarr Buffer
+        await asyncio.to_thread(self.set_sync, key, value)
+
+    def set_sync(self, key: str, value) -> None:
+        """The blocking form (newer zarr has one, and may write chunks through it)."""
         if self.read_only:
             raise ValueError(f"cannot write {key!r}: the store was opened read-only")
-        await asyncio.to_thread(durable_replace, self.root / key, value.as_buffer_like())
+        durable_replace(self.root / key, value.as_buffer_like())

@@ -99,7 +99,7 @@ def create_cache(
     from zarr.codecs import Crc32cCodec
 
     try:
-        store = loc.store()
+        store = loc.store(durable=True)
         group = zarr.open_group(store, mode="w")
     except OSError as err:
         raise SaeError(f"cannot create a cache at {loc.url}: {err}") from None
