@@ -4,8 +4,9 @@ The writer rewrites token and position chunks that already hold committed rows (
 several shards). zarr's own LocalStore writes such a file in place in some versions (3.0.x) and
 renames an unsynced temporary file in others, so a killed process, or a power cut, could take
 committed rows back; and the cache's metadata files were never flushed at all. Every write
-here goes through `durable_replace` instead: temporary file, fsync, rename. The rename itself becomes durable when the writer syncs the folder before its
-commit record counts the rows (`fsync_files`).
+here goes through `durable_replace` instead: temporary file, fsync, rename. The rename itself
+becomes durable when the writer syncs the folder before its commit record counts the rows
+(`fsync_files`).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae.atomic import durable_replace
 from sae.errors import SaeError
 
 
@@ -82,14 +82,7 @@ class Location:
         """Replace the object at `key` in one step: readers see the old or the new, never half."""
         raw = json.dumps(data, indent=1, allow_nan=False).encode()
         if self.local is not None:
-            path = self.local / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-            with tmp.open("wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
+            durable_replace(self.local / key, raw)
         else:
             fs, root = self._fs()
             fs.pipe_file(f"{root.rstrip('/')}/{key}", raw)
