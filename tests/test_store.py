@@ -774,6 +774,14 @@ def test_durable_replace_keeps_the_old_file_when_a_write_fails(tmp_path):
     store = locate(str(tmp_path)).store(durable=True)
     assert type(store).__name__ == "DurableLocalStore"
     assert type(locate(str(tmp_path)).store(read_only=True)).__name__ == "LocalStore"
+    from zarr.core.buffer import default_buffer_prototype
+
+    from sae.store.durable_store import DurableLocalStore
+
+    ro = DurableLocalStore(tmp_path, read_only=True)
+    with pytest.raises(ValueError, match="'token_ids/c/0': the store was opened read-only"):
+        ro.set_sync("token_ids/c/0", default_buffer_prototype().buffer.from_bytes(b"x"))
+    assert path.read_bytes() == b"committed rows"
 
 
 def test_creation_cut_short_is_created_over(tmp_path, monkeypatch):
